@@ -1,0 +1,148 @@
+"""The backend flag: which implementation runs the hot covariance ops.
+
+Names: ``"auto" | "xla" | "triton" | "native"``. ``"xla"`` is the pure-XLA reference
+(``ntfast/ops/<op>.py``), the definition every other backend must match, and the TPU path.
+
+Where the choice comes from, most specific first:
+
+1. per call: ``ntfast.ops.<op>(..., backend="xla")`` or ``kernel_fn(x1, x2, backend="xla")``;
+2. the innermost ``with ntfast.use_backend("xla"):`` block;
+3. the global ``ntfast.set_backend("xla")``;
+4. the ``NTFAST_BACKEND`` environment variable, read when first needed;
+5. ``"auto"``.
+
+``"auto"`` takes, per op, the first backend in ``AUTO_ORDER`` that has the op registered and is
+available on this machine, and falls back silently. An explicit name never falls back: an
+unavailable backend or an op it lacks raises :class:`BackendError` naming the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+BACKENDS = ("auto", "xla", "triton", "native")
+# Preference of "auto" among concrete backends; "xla" is always last and always present.
+AUTO_ORDER = ("native", "triton", "xla")
+
+
+class BackendError(RuntimeError):
+    """A requested backend cannot serve a request (unknown, unavailable, or op not implemented)."""
+
+
+_registry: dict[str, dict[str, Callable]] = {}
+# backend name -> zero-arg function returning None if usable here, else the reason it is not.
+_availability: dict[str, Callable[[], str | None]] = {"xla": lambda: None}
+_global: list[str | None] = [None]
+_local = threading.local()
+
+
+def _check_name(name: str, what: str = "backend") -> str:
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"`{what}` must be one of {BACKENDS}, got {name!r}.")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Sets the global backend; ``None`` goes back to ``NTFAST_BACKEND`` / ``"auto"``."""
+    _global[0] = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force here: innermost context manager, else global, else env, else auto."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global[0] is not None:
+        return _global[0]
+    env = os.environ.get("NTFAST_BACKEND")
+    if env:
+        return _check_name(env.strip().lower(), "NTFAST_BACKEND")
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[str]:
+    """Context manager: ``with use_backend("xla"): ...``. ``None`` leaves the current choice."""
+    if name is None:
+        yield get_backend()
+        return
+    _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def register_availability(backend: str, check: Callable[[], str | None]) -> None:
+    """Declares how to tell whether ``backend`` is usable: ``check()`` returns None or a reason."""
+    _availability[_check_name(backend)] = check
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None if ``backend`` can run on this machine, else a human-readable reason."""
+    _check_name(backend)
+    if backend == "auto":
+        return None
+    check = _availability.get(backend)
+    if check is None:
+        return f"backend {backend!r} is not built into this version of ntfast"
+    try:
+        return check()
+    except Exception as e:  # noqa: BLE001 - any failure to probe means unavailable, with the reason
+        return f"backend {backend!r} failed its availability check: {e!r}"
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every concrete backend mapped to None (usable) or the reason it is not."""
+    return {b: unavailable_reason(b) for b in BACKENDS if b != "auto"}
+
+
+def register(op: str, backend: str, fn: Callable | None = None):
+    """Registers ``fn`` as ``backend``'s implementation of ``op`` (usable as a decorator)."""
+    _check_name(backend)
+    if backend == "auto":
+        raise ValueError("`backend` cannot be 'auto' when registering an implementation.")
+
+    def deco(f: Callable) -> Callable:
+        _registry.setdefault(op, {})[backend] = f
+        return f
+
+    return deco if fn is None else deco(fn)
+
+
+def resolve(op: str, backend: str | None = None) -> str:
+    """The concrete backend that will run ``op`` for the request ``backend`` (None: current flag)."""
+    name = get_backend() if backend is None else _check_name(backend)
+    impls = _registry.get(op)
+    if not impls or "xla" not in impls:
+        raise KeyError(f"op {op!r} has no registered XLA reference.")
+    if name == "auto":
+        for cand in AUTO_ORDER:
+            if cand in impls and unavailable_reason(cand) is None:
+                return cand
+        return "xla"
+    if name not in impls:
+        raise BackendError(
+            f"backend {name!r} does not implement op {op!r} (implemented by: {sorted(impls)})."
+        )
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise BackendError(f"backend {name!r} requested for op {op!r} is unavailable: {reason}.")
+    return name
+
+
+def dispatch(op: str, backend: str | None = None) -> Callable:
+    """The implementation of ``op`` for the request ``backend`` (see :func:`resolve`)."""
+    return _registry[op][resolve(op, backend)]
+
+
+def registered_ops() -> dict[str, tuple[str, ...]]:
+    """Op name -> backends that registered an implementation of it."""
+    return {op: tuple(sorted(impls)) for op, impls in _registry.items()}
