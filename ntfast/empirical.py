@@ -28,23 +28,21 @@ from __future__ import annotations
 import enum
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.tree_util import tree_map, tree_reduce
 
 from . import _utils as utils
-
-if TYPE_CHECKING:
-    from .typing import (
-        ApplyFn,
-        Axes,
-        EmpiricalGetKernelFn,
-        EmpiricalKernelFn,
-        PyTree,
-        VMapAxes,
-    )
+from .typing import (
+    ApplyFn,
+    Axes,
+    EmpiricalGetKernelFn,
+    EmpiricalKernelFn,
+    PyTree,
+    VMapAxes,
+)
 
 __all__ = [
     "DEFAULT_NTK_IMPLEMENTATION",

@@ -222,21 +222,24 @@ class Kernel:
         ``a ⊗ b`` is the zipped logical-or outer product over the axes the covariance keeps in
         pairs: for ``nngp`` the batch axes and, unless ``diagonal_spatial``, the spatial axes; for
         ``cov1``/``cov2`` the batch axes only if not ``diagonal_batch``. Each is None if both
-        masks are None; ``mask22`` falls back to ``mask11`` when ``mask2`` is None.
+        masks are None. A None ``mask2`` stands for ``mask1`` (``x2 = x1``): ``mask22 = mask11``
+        and ``mask12 = mask1 ⊗ mask1``.
         """
 
         def outer(m1, m2, batch_ndim):
             if m1 is None and m2 is None:
                 return None
-            m1 = None if m1 is None else self._mask_to_kernel_layout(m1)
-            m2 = None if m2 is None else self._mask_to_kernel_layout(m2)
-            ndim = (m2 if m1 is None else m1).ndim
             start = 2 - batch_ndim
-            end = 1 if self.diagonal_spatial else ndim
-            if m1 is None or m2 is None:
-                # A missing mask masks nothing: the product is the other mask, laid on its side.
-                present, first = (m2, False) if m1 is None else (m1, True)
-                return utils.interleave_ones(present, start, end, first)
+            if m1 is None:
+                # NT fails here; we read a missing ``mask1`` as "x1 fully visible": the product
+                # is ``mask2`` alone, laid on the right-hand side.
+                m2 = self._mask_to_kernel_layout(m2)
+                end = 1 if self.diagonal_spatial else m2.ndim
+                return utils.interleave_ones(m2, start, end, False)
+            m1 = self._mask_to_kernel_layout(m1)
+            # A missing ``mask2`` means ``x2 = x1``: its mask is ``mask1`` (outer_prod's default).
+            m2 = None if m2 is None else self._mask_to_kernel_layout(m2)
+            end = 1 if self.diagonal_spatial else m1.ndim
             return utils.outer_prod(m1, m2, start, end, operator.or_)
 
         b = self._cov_batch_ndim

@@ -353,6 +353,7 @@ class _State:
 
     def __init__(self, shape, channel_axis, gaussian=False):
         self.shape = tuple(shape)
+        self.input_shape = self.shape  # what the network is fed
         self.channel = channel_axis % len(shape)
         self.gaussian = gaussian
 
@@ -673,7 +674,7 @@ def _fam_resnet(g: _Gen):
     for _ in range(int(g.rng.randint(1, 3))):
         b = st.copy()
         branch = g.nonlin(b) + [g.conv(b, padding=g.choice(["SAME", "CIRCULAR"]), strides_ok=False)]
-        shortcut = ("Identity", {}) if g.coin() else _serial([])
+        shortcut = ("Identity", {}) if g.coin() else _serial([("Identity", {})])
         layers += [
             ("FanOut", {"num": 2}),
             ("parallel", {"layers": (_serial(branch), shortcut)}),
@@ -753,7 +754,7 @@ def _fam_tree(g: _Gen):
     n1 = int(g.rng.randint(2, 4))
     sa = _State((n1, int(g.rng.randint(1, 4))), -1)
     sb, _ = _image_state(g, 2, False)
-    sb.shape = (n1,) + sb.shape[1:]
+    sb.shape = sb.input_shape = (n1,) + sb.shape[1:]
     x_shapes = (sa.shape, sb.shape)
     out = int(g.rng.randint(1, 4))
     a = [g.dense(sa)] + g.nonlin(sa) + [g.dense(sa, out=out)]
@@ -810,7 +811,7 @@ def _fam_dotgeneral(g: _Gen):
 def _fam_index(g: _Gen):
     st, n1 = _image_state(g, 2, g.coin(0.4))
     n1 = 3
-    st.shape = (3,) + st.shape[1:]
+    st.shape = st.input_shape = (3,) + st.shape[1:]
     layers = [g.conv(st, padding="SAME")]
     layers += g.nonlin(st)
     idx = [slice(None)] * len(st.shape)
@@ -956,7 +957,7 @@ def make_archs(n: int = 128, seed: int = 0) -> list:
     for i in range(n):
         fam = FAMILIES[i % len(FAMILIES)]
         suffix, layers, st, extra = fam(g)
-        x_shapes = st if isinstance(st, tuple) else st.shape
+        x_shapes = st if isinstance(st, tuple) else st.input_shape
         layers = _flatten_layers(layers)
         net = _serial(layers)
         bits = [f"{i:03d}", suffix]

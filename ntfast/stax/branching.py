@@ -255,7 +255,9 @@ def _concat_masks(masks, input_shapes, axis: int):
             out.append(jnp.zeros(shape, jnp.bool_))
         else:
             out.append(
-                jnp.broadcast_to(m, max_shape[:axis] + m.shape[axis : axis + 1] + max_shape[axis + 1 :])
+                jnp.broadcast_to(
+                    m, max_shape[:axis] + m.shape[axis : axis + 1] + max_shape[axis + 1 :]
+                )
             )
     return jnp.concatenate(out, axis)
 

@@ -160,7 +160,9 @@ def supports_masking(remask_kernel: bool):
 
             def apply_fn_with_masking(params, inputs, *, mask_constant=None, **kw):
                 is_arr = lambda x: isinstance(x, (jnp.ndarray, np.ndarray, MaskedArray))  # noqa: E731
-                masked = tree_map(lambda x: _get_masked_array(x, mask_constant), inputs, is_leaf=is_arr)
+                masked = tree_map(
+                    lambda x: _get_masked_array(x, mask_constant), inputs, is_leaf=is_arr
+                )
                 is_m = lambda x: isinstance(x, MaskedArray)  # noqa: E731
                 values = tree_map(lambda x: x.masked_value, masked, is_leaf=is_m)
                 mask = tree_map(lambda x: x.mask, masked, is_leaf=is_m)
@@ -236,9 +238,7 @@ def _get_masked_array(x, mask_constant=None) -> MaskedArray:
         if mask_constant is None:
             mask = None
         else:
-            mask = lax.cond(
-                jnp.isnan(mask_constant), jnp.isnan, lambda v: v == mask_constant, x
-            )
+            mask = lax.cond(jnp.isnan(mask_constant), jnp.isnan, lambda v: v == mask_constant, x)
     else:
         raise TypeError(f"Expected an array or a MaskedArray as a layer input, got {type(x)}.")
     return MaskedArray(utils.mask(x, mask), mask)
@@ -455,8 +455,12 @@ def _propagate_shape(init_fn, apply_fn, shaped, **kwargs):
 def _set_shapes(init_fn, apply_fn, in_kernel, out_kernel, **kwargs):
     """Sets ``shape1``/``shape2`` of the output kernel(s) from the layer's ``apply_fn`` shapes."""
     is_k = lambda k: isinstance(k, Kernel)  # noqa: E731
-    shape1 = tree_map(lambda k: jax.ShapeDtypeStruct(k.shape1, k.nngp.dtype), in_kernel, is_leaf=is_k)
-    shape2 = tree_map(lambda k: jax.ShapeDtypeStruct(k.shape2, k.nngp.dtype), in_kernel, is_leaf=is_k)
+    shape1 = tree_map(
+        lambda k: jax.ShapeDtypeStruct(k.shape1, k.nngp.dtype), in_kernel, is_leaf=is_k
+    )
+    shape2 = tree_map(
+        lambda k: jax.ShapeDtypeStruct(k.shape2, k.nngp.dtype), in_kernel, is_leaf=is_k
+    )
     kwargs1, kwargs2 = utils.split_kwargs(kwargs)
     shape1 = _propagate_shape(init_fn, unmask_fn(apply_fn), shape1, **kwargs1)
     shape2 = _propagate_shape(init_fn, unmask_fn(apply_fn), shape2, **kwargs2)
@@ -551,7 +555,9 @@ def _check_get(get) -> None:
         raise TypeError(f"`get` must be None, a string or a tuple of strings, got {get!r}.")
     for g in names:
         if g not in _KERNEL_FIELDS:
-            raise ValueError(f"`get` entry {g!r} is not a Kernel field; expected one of {_KERNEL_FIELDS}.")
+            raise ValueError(
+                f"`get` entry {g!r} is not a Kernel field; expected one of {_KERNEL_FIELDS}."
+            )
 
 
 def _all_of(x, cls: type) -> bool:
