@@ -154,6 +154,10 @@ def canonicalize_get(get: Any) -> tuple[bool, tuple[str, ...] | None]:
     if not get:
         raise ValueError(f'"get" must be non-empty, got {get!r}.')
     is_single = isinstance(get, str)
+    if not (is_single or isinstance(get, (tuple, list))) or not all(
+        isinstance(g, str) for g in ((get,) if is_single else get)
+    ):
+        raise TypeError(f'"get" must be None, a string or a tuple of strings, got {get!r}.')
     names = (get,) if is_single else tuple(get)
     names = tuple(name.lower() for name in names)
     if len(set(names)) != len(names):

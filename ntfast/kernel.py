@@ -34,13 +34,12 @@ class Kernel:
     (all axes but ``batch_axis`` and ``channel_axis``, in order; e.g. ``H, W`` for ``NHWC``).
     The channel axis is infinite and never stored. Array shapes per layout:
 
-    ===========  =========================  ========================================================
-    array        ``diagonal_spatial=False``  ``diagonal_spatial=True``
-    ===========  =========================  ========================================================
-    nngp, ntk    ``(N1, N2, S1, S1, S2, S2, ...)``  ``(N1, N2, S1, S2, ...)``
-    cov1         ``(N1, [N1,] S1, S1, S2, S2, ...)``  ``(N1, [N1,] S1, S2, ...)``
-    cov2         ``(N2, [N2,] S1, S1, S2, S2, ...)``  ``(N2, [N2,] S1, S2, ...)``
-    ===========  =========================  ========================================================
+    ::
+
+        array       diagonal_spatial=False            diagonal_spatial=True
+        nngp, ntk   (N1, N2, S1, S1, S2, S2, ...)     (N1, N2, S1, S2, ...)
+        cov1        (N1, [N1,] S1, S1, S2, S2, ...)   (N1, [N1,] S1, S2, ...)
+        cov2        (N2, [N2,] S1, S1, S2, S2, ...)   (N2, [N2,] S1, S2, ...)
 
     where the bracketed batch axis is present iff ``diagonal_batch`` is False. With
     ``is_reversed`` (full spatial only) the spatial pairs are stored last-to-first:
@@ -166,7 +165,8 @@ class Kernel:
             axes = tuple(range(len(self.shape1) - 2))
 
         def permute(mat, batch_ndim):
-            if mat is None:
+            # A 0-d (constant) ntk has no axes to permute (NT raises on it).
+            if mat is None or mat.ndim == 0:
                 return mat
             if self.diagonal_spatial:
                 spatial = [batch_ndim + a for a in axes]
@@ -288,7 +288,7 @@ class Kernel:
         plan = dot_general_plan(self, n_other, is_lhs, dimension_numbers)
 
         def apply(spec, mat, left, right):
-            if spec is None or mat is None or mat.ndim == 0 or (left is None and right is None):
+            if mat is None or mat.ndim == 0 or (left is None and right is None):
                 return mat
             operands = [x for x in (left, mat, right) if x is not None]
             terms = [t for t, x in zip(spec.inputs, (left, mat, right)) if x is not None]

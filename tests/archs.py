@@ -673,7 +673,8 @@ def _fam_resnet(g: _Gen):
     layers = [g.conv(st, padding="SAME", strides_ok=False)]
     for _ in range(int(g.rng.randint(1, 3))):
         b = st.copy()
-        branch = g.nonlin(b) + [g.conv(b, padding=g.choice(["SAME", "CIRCULAR"]), strides_ok=False)]
+        pad = g.choice(["SAME", "CIRCULAR"])
+        branch = g.nonlin(b) + [g.conv(b, padding=pad, strides_ok=False, out_chan=b.shape[b.channel])]
         shortcut = ("Identity", {}) if g.coin() else _serial([("Identity", {})])
         layers += [
             ("FanOut", {"num": 2}),
@@ -880,7 +881,8 @@ def _fam_repeat(g: _Gen):
         st, n1 = _image_state(g, 2, g.coin(0.3))
         layers = [g.conv(st, padding="SAME", strides_ok=False)]
         b = st.copy()
-        block = g.nonlin(b) + [g.conv(b, padding=g.choice(["SAME", "CIRCULAR"]), strides_ok=False)]
+        pad = g.choice(["SAME", "CIRCULAR"])
+        block = g.nonlin(b) + [g.conv(b, padding=pad, strides_ok=False, out_chan=b.shape[b.channel])]
     else:
         n1 = int(g.rng.randint(2, 4))
         st = _State((n1, 3), -1)

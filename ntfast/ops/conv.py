@@ -152,8 +152,7 @@ def check_window_args(x: jax.Array, shape, strides, diagonal_spatial: bool, what
     return batch_ndim
 
 
-@_backend.register("conv_cov", "xla")
-def _conv_cov_xla(
+def conv_cov_reference(
     x: jax.Array,
     *,
     filter_shape: Sequence[int],
@@ -162,7 +161,7 @@ def _conv_cov_xla(
     diagonal_spatial: bool = False,
     is_reversed: bool = False,
 ) -> jax.Array:
-    """Pure-XLA reference of :func:`conv_cov` (the definition)."""
+    """Pure-XLA reference of :func:`conv_cov` (the definition); traceable, not jitted."""
     padding = padding_name(padding)
     b = check_window_args(x, filter_shape, strides, diagonal_spatial, "filter_shape")
     n = len(filter_shape)
@@ -184,6 +183,18 @@ def _conv_cov_xla(
     # NT's loop over pairs leaves them in reverse stored order; keep that layout (is_reversed flips).
     pairs_reversed = [b + 2 * p + k for p in range(n - 1, -1, -1) for k in (0, 1)]
     return jnp.transpose(x, list(range(b)) + pairs_reversed)
+
+
+# Registered jitted, so that eager calls compile one fused program per configuration instead of
+# one per slice/add; inside an outer jit it simply inlines.
+_backend.register(
+    "conv_cov",
+    "xla",
+    jax.jit(
+        conv_cov_reference,
+        static_argnames=("filter_shape", "strides", "padding", "diagonal_spatial", "is_reversed"),
+    ),
+)
 
 
 def conv_cov(

@@ -28,6 +28,7 @@ Kernel layouts (``S`` spatial axes, ``N1``/``N2`` batch sizes, spatial axes in i
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Sequence
 
@@ -58,6 +59,12 @@ def _zip_pairs(x: jnp.ndarray, start: int) -> jnp.ndarray:
 
 
 @_backend.register("input_cov", "xla")
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "diagonal_batch", "diagonal_spatial", "batch_axis", "channel_axis", "precision",
+    ),
+)  # fmt: skip
 def _input_cov_xla(
     x1: jnp.ndarray,
     x2: jnp.ndarray | None,
@@ -245,6 +252,10 @@ def _contract(a, a_labels, b, b_labels, keep_labels, precision):
 
 
 @_backend.register("dot_general", "xla")
+@functools.partial(
+    jax.jit,
+    static_argnames=("mat_labels", "other1_labels", "other2_labels", "out_labels", "precision"),
+)
 def _bilinear_xla(
     mat: jnp.ndarray,
     other1: jnp.ndarray | None,

@@ -117,14 +117,15 @@ def _gram(q12, q11, q22):
     """Normalized Gram matrix: ``(m, a, b, c, det)`` with ``(a, b, c) = (q11, q22, q12) / m``.
 
     ``m = max(q11, q22, |q12|)`` (1 if all vanish), ``det = max(a·b − c², 0)`` so that
-    ``q11 q22 − q12² = m² det`` without forming the (overflowing) products. ``det`` keeps its
-    gradient at 0 (``where(>= 0)``, not ``maximum``), as the smooth families need it there.
+    ``q11 q22 − q12² = m² det`` without forming the (overflowing) products. The clamp (|ρ| ≤ 1)
+    is value-only: ``det`` keeps the gradient of ``a·b − c²``, which the smooth families need on
+    the |ρ| = 1 boundary where rounding may push ``a·b − c²`` a hair below 0.
     """
     m = jnp.maximum(jnp.maximum(q11, q22), jnp.abs(q12))
     m = jnp.where(m > 0, m, 1)
     a, b, c = q11 / m, q22 / m, q12 / m
     det = a * b - c * c
-    return m, a, b, c, jnp.where(det >= 0, det, 0)
+    return m, a, b, c, det + lax.stop_gradient(jnp.maximum(det, 0) - det)
 
 
 def _sqrt_e_plus_kd(e, k, m, det):
@@ -385,7 +386,7 @@ _EXP_NORMALIZED_TOL = 1e-15  # NT: sqrt(max(q11 q22, 1e-30))
 
 
 def exp_normalized_expectation(q12, q11, q22, ntk=None, *, gamma=1.0, shift=-1.0, do_clip=False):
-    """"Gaussian normalized kernel" (arXiv:2003.02237): ``n = max(√q11 √q22, 1e-15)``,
+    """ "Gaussian normalized kernel" (arXiv:2003.02237): ``n = max(√q11 √q22, 1e-15)``,
     ``ρ = q12 / n`` (clipped to [−1, 1] if ``do_clip``): ``q12' = n exp(γ (ρ + shift))``,
     ``Σ̇ = γ exp(γ (ρ + shift))``."""
     norm = _safe_sqrt(q11) * _safe_sqrt(q22)

@@ -72,8 +72,7 @@ def _check_pool_type(pool_type) -> str:
     raise ValueError(f"`pool_type` must be one of {POOL_TYPES}, got {pool_type!r}.")
 
 
-@_backend.register("pool_cov", "xla")
-def _pool_cov_xla(
+def pool_cov_reference(
     x: jax.Array,
     *,
     window_shape: Sequence[int],
@@ -84,7 +83,7 @@ def _pool_cov_xla(
     diagonal_spatial: bool = False,
     is_reversed: bool = False,
 ) -> jax.Array:
-    """Pure-XLA reference of :func:`pool_cov` (the definition)."""
+    """Pure-XLA reference of :func:`pool_cov` (the definition); traceable, not jitted."""
     padding = padding_name(padding)
     average = _check_pool_type(pool_type) == "AVG"
     b = check_window_args(x, window_shape, strides, diagonal_spatial, "window_shape")
@@ -106,6 +105,18 @@ def _pool_cov_xla(
             d = window_divisors(size, p, s, padding, normalize_edges)
             x = _divide_axis(x, ax, d * d if diagonal_spatial else d)
     return x
+
+
+_STATIC = (
+    "window_shape",
+    "strides",
+    "padding",
+    "pool_type",
+    "normalize_edges",
+    "diagonal_spatial",
+    "is_reversed",
+)
+_backend.register("pool_cov", "xla", jax.jit(pool_cov_reference, static_argnames=_STATIC))
 
 
 def pool_cov(

@@ -7,32 +7,29 @@ runs Neural Tangents example code unchanged. Layer math lives in :mod:`ntfast.op
 from .branching import FanInConcat, FanInProd, FanInSum, FanOut
 from .combinators import parallel, repeat, serial
 from .conv import Conv
-try:  # TEMPORARY during parallel development; removed once elementwise.py lands
-    from .elementwise import (
-        ABRelu,
-        Abs,
-        Cos,
-        Elementwise,
-        ElementwiseNumerical,
-        Erf,
-        Exp,
-        ExpNormalized,
-        Gabor,
-        Gaussian,
-        Gelu,
-        Hermite,
-        LeakyRelu,
-        Monomial,
-        Polynomial,
-        Rbf,
-        RectifiedMonomial,
-        Relu,
-        Sigmoid_like,
-        Sign,
-        Sin,
-    )
-except ModuleNotFoundError:
-    pass
+from .elementwise import (
+    ABRelu,
+    Abs,
+    Cos,
+    Elementwise,
+    ElementwiseNumerical,
+    Erf,
+    Exp,
+    ExpNormalized,
+    Gabor,
+    Gaussian,
+    Gelu,
+    Hermite,
+    LeakyRelu,
+    Monomial,
+    Polynomial,
+    Rbf,
+    RectifiedMonomial,
+    Relu,
+    Sigmoid_like,
+    Sign,
+    Sin,
+)
 from .linear import Dense, DotGeneral, Identity, Index, Slice
 from .normalization import Dropout, LayerNorm
 from .pooling import AvgPool, Flatten, GlobalAvgPool, GlobalSumPool, SumPool

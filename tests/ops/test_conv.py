@@ -22,8 +22,8 @@ import pytest
 from jax import lax
 
 from ntfast.backend import BackendError
-from ntfast.ops.conv import _conv_cov_xla, conv_cov
-from ntfast.ops.pool import pool_cov
+from ntfast.ops.conv import conv_cov, conv_cov_reference
+from ntfast.ops.pool import pool_cov, pool_cov_reference
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
 
@@ -148,16 +148,18 @@ CONV_CASES = {
 CONV_PARAMS = [(n, fs, st) for n, cases in CONV_CASES.items() for fs, st in cases]
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("is_reversed", [False, True])
-@pytest.mark.parametrize("batch_ndim", [1, 2])
+def _full_shape(batch_ndim, sizes, is_reversed):
+    stored = sizes[::-1] if is_reversed else sizes
+    return (3, 2)[:batch_ndim] + tuple(d for d in stored for _ in (0, 1))
+
+
+# Batch ndim (cov with diagonal_batch: 1; nngp/ntk/full cov: 2) alternates with the layout so that
+# each combination is covered without a full product (tests compile one program per case).
+@pytest.mark.parametrize("is_reversed,batch_ndim", [(False, 2), (True, 1)])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("n,filter_shape,strides", CONV_PARAMS)
-def test_conv_full_spatial(n, filter_shape, strides, padding, batch_ndim, is_reversed, dtype):
-    sizes = _spatial_sizes(n)
-    stored = sizes[::-1] if is_reversed else sizes
-    shape = (3, 2)[:batch_ndim] + tuple(d for d in stored for _ in (0, 1))
-    x = _rand(shape, dtype)
+def test_conv_full_spatial(n, filter_shape, strides, padding, batch_ndim, is_reversed):
+    x = _rand(_full_shape(batch_ndim, _spatial_sizes(n), is_reversed), np.float64)
     out = conv_cov(
         jnp.asarray(x),
         filter_shape=filter_shape,
@@ -165,19 +167,15 @@ def test_conv_full_spatial(n, filter_shape, strides, padding, batch_ndim, is_rev
         padding=padding,
         is_reversed=is_reversed,
     )
-    assert out.dtype == dtype
-    ref = ref_conv_full(
-        x.astype(np.float64), filter_shape, strides, padding, batch_ndim, is_reversed
-    )
-    _close(out, ref, dtype)
+    ref = ref_conv_full(x, filter_shape, strides, padding, batch_ndim, is_reversed)
+    _close(out, ref, np.float64)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("batch_ndim", [0, 1, 2])
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("n,filter_shape,strides", CONV_PARAMS)
-def test_conv_diagonal_spatial(n, filter_shape, strides, padding, batch_ndim, dtype):
-    x = _rand((3, 2)[:batch_ndim] + _spatial_sizes(n), dtype)
+def test_conv_diagonal_spatial(n, filter_shape, strides, padding):
+    batch_ndim = CONV_PARAMS.index((n, filter_shape, strides)) % 3
+    x = _rand((3, 2)[:batch_ndim] + _spatial_sizes(n), np.float64)
     out = conv_cov(
         jnp.asarray(x),
         filter_shape=filter_shape,
@@ -186,10 +184,32 @@ def test_conv_diagonal_spatial(n, filter_shape, strides, padding, batch_ndim, dt
         diagonal_spatial=True,
         is_reversed=True,  # ignored for the diagonal layout
     )
-    assert out.dtype == dtype
-    _close(
-        out, ref_conv_diag(x.astype(np.float64), filter_shape, strides, padding, batch_ndim), dtype
+    _close(out, ref_conv_diag(x, filter_shape, strides, padding, batch_ndim), np.float64)
+
+
+@pytest.mark.parametrize("diagonal_spatial", [False, True])
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_conv_float32(padding, diagonal_spatial):
+    """f32 in, f32 out, within f32 rounding of the f64 reference."""
+    n, filter_shape, strides = 2, (3, 2), (2, 1)
+    sizes = _spatial_sizes(n)
+    shape = (3, 2) + (sizes if diagonal_spatial else _full_shape(0, sizes, True))
+    x = _rand(shape, np.float32)
+    out = conv_cov(
+        jnp.asarray(x),
+        filter_shape=filter_shape,
+        strides=strides,
+        padding=padding,
+        diagonal_spatial=diagonal_spatial,
+        is_reversed=True,
     )
+    assert out.dtype == np.float32
+    x64 = x.astype(np.float64)
+    if diagonal_spatial:
+        ref = ref_conv_diag(x64, filter_shape, strides, padding, 2)
+    else:
+        ref = ref_conv_full(x64, filter_shape, strides, padding, 2, True)
+    _close(out, ref, np.float32)
 
 
 def test_conv_full_spatial_elementwise_loop():
@@ -234,17 +254,16 @@ POOL_CASES = {
 POOL_PARAMS = [(n, ws, st) for n, cases in POOL_CASES.items() for ws, st in cases]
 
 
-@pytest.mark.parametrize("pool_type,ne", [("AVG", False), ("AVG", True), ("SUM", False)])
-@pytest.mark.parametrize("is_reversed", [False, True])
-@pytest.mark.parametrize("batch_ndim", [1, 2])
+POOL_KINDS = [("AVG", False), ("AVG", True), ("SUM", False)]
+
+
+@pytest.mark.parametrize("pool_type,ne", POOL_KINDS)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("n,window_shape,strides", POOL_PARAMS)
-def test_pool_full_spatial(
-    n, window_shape, strides, padding, batch_ndim, is_reversed, pool_type, ne
-):
-    sizes = _spatial_sizes(n)
-    stored = sizes[::-1] if is_reversed else sizes
-    x = _rand((3, 2)[:batch_ndim] + tuple(d for d in stored for _ in (0, 1)), np.float64)
+def test_pool_full_spatial(n, window_shape, strides, padding, pool_type, ne):
+    i = POOL_PARAMS.index((n, window_shape, strides)) + POOL_KINDS.index((pool_type, ne))
+    is_reversed, batch_ndim = bool(i % 2), 1 + (i // 2) % 2
+    x = _rand(_full_shape(batch_ndim, _spatial_sizes(n), is_reversed), np.float64)
     out = pool_cov(
         jnp.asarray(x),
         window_shape=window_shape,
@@ -258,12 +277,11 @@ def test_pool_full_spatial(
     _close(out, ref, np.float64)
 
 
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("pool_type,ne", [("AVG", False), ("AVG", True), ("SUM", False)])
+@pytest.mark.parametrize("pool_type,ne", POOL_KINDS)
 @pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("n,window_shape,strides", POOL_PARAMS)
-def test_pool_diagonal_spatial(n, window_shape, strides, padding, pool_type, ne, dtype):
-    x = _rand((3, 2) + _spatial_sizes(n), dtype)
+def test_pool_diagonal_spatial(n, window_shape, strides, padding, pool_type, ne):
+    x = _rand((3, 2) + _spatial_sizes(n), np.float64)
     out = pool_cov(
         jnp.asarray(x),
         window_shape=window_shape,
@@ -273,11 +291,36 @@ def test_pool_diagonal_spatial(n, window_shape, strides, padding, pool_type, ne,
         normalize_edges=ne,
         diagonal_spatial=True,
     )
-    assert out.dtype == dtype
-    ref = ref_pool(
-        x.astype(np.float64), window_shape, strides, padding, 2, True, False, pool_type, ne
+    ref = ref_pool(x, window_shape, strides, padding, 2, True, False, pool_type, ne)
+    _close(out, ref, np.float64)
+
+
+@pytest.mark.parametrize("diagonal_spatial", [False, True])
+def test_pool_float32(diagonal_spatial):
+    window_shape, strides, padding = (3, 2), (2, 2), "SAME"
+    sizes = _spatial_sizes(2)
+    x = _rand((3, 2) + (sizes if diagonal_spatial else _full_shape(0, sizes, False)), np.float32)
+    out = pool_cov(
+        jnp.asarray(x),
+        window_shape=window_shape,
+        strides=strides,
+        padding=padding,
+        normalize_edges=True,
+        diagonal_spatial=diagonal_spatial,
     )
-    _close(out, ref, dtype)
+    assert out.dtype == np.float32
+    ref = ref_pool(
+        x.astype(np.float64),
+        window_shape,
+        strides,
+        padding,
+        2,
+        diagonal_spatial,
+        False,
+        "AVG",
+        True,
+    )
+    _close(out, ref, np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,7 +377,7 @@ def test_conv_op_count_is_linear_in_filter_size(diagonal_spatial):
         n = len(filter_shape)
         shape = (2, 2) + (12,) * (n if diagonal_spatial else 2 * n)
         fn = functools.partial(
-            _conv_cov_xla,
+            conv_cov_reference,
             filter_shape=filter_shape,
             strides=(1,) * n,
             padding="SAME",
@@ -351,7 +394,9 @@ def test_conv_compiled_flops_scale_linearly():
     """XLA's own cost analysis: 3x3 -> 9x9 filter multiplies flops by ~(8+8)/(2+2), not 9."""
 
     def flops(f):
-        fn = functools.partial(_conv_cov_xla, filter_shape=(f, f), strides=(1, 1), padding="SAME")
+        fn = functools.partial(
+            conv_cov_reference, filter_shape=(f, f), strides=(1, 1), padding="SAME"
+        )
         x = jnp.zeros((2, 2, 12, 12, 12, 12), jnp.float32)
         return jax.jit(fn).lower(x).compile().cost_analysis()["flops"]
 
@@ -362,7 +407,11 @@ def test_conv_compiled_flops_scale_linearly():
 def test_pool_op_count_is_linear_in_window_size():
     """Full-spatial pooling: two separable 1-D box sums per pair (2f slices), not f²."""
     fn = functools.partial(
-        pool_cov, window_shape=(4, 3), strides=(2, 2), padding="SAME", normalize_edges=True
+        pool_cov_reference,
+        window_shape=(4, 3),
+        strides=(2, 2),
+        padding="SAME",
+        normalize_edges=True,
     )
     counts = _eqn_counts(fn, jnp.zeros((2, 2, 8, 8, 6, 6), jnp.float32))
     assert counts.get("slice", 0) == 2 * (4 + 3)

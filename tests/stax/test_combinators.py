@@ -25,7 +25,7 @@ def _assert_parity(a, b):
 
 
 def _residual(s, fan):
-    block = s.serial(s.Dense(4, W_std=1.2, b_std=0.1), s.Relu())
+    block = s.serial(s.Dense(4, W_std=1.2, b_std=0.1), s.Relu(), s.Dense(4, W_std=1.1))
     return s.serial(
         s.Dense(4, W_std=1.3, b_std=0.2),
         s.FanOut(2),
