@@ -383,6 +383,8 @@ def run(
     from ntfast.backend import use_backend
 
     data = load_digits_split(n_train, n_test, seed)
+    # Blocks larger than both sets would only compute padding.
+    block = min(block, max(n_train, n_test))
     description, (_, _, kernel_fn) = myrtle_network(stax, depth, spatial=data.x_train.shape[1])
     fp = fingerprint(
         network=description,
@@ -483,6 +485,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ntfast.backend import BackendError
+
     parser = _parser()
     args = parser.parse_args(argv)
     for name in ("n_train", "n_test", "block"):
@@ -509,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    except CacheMismatchError as e:
+    except (CacheMismatchError, BackendError) as e:
         print(f"ntfast-demo: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -234,11 +234,20 @@ def make_inputs(spec: Spec, dtype=np.float64):
     return x1, x2
 
 
-def kernel_call(spec: Spec, kernel_fn, x1=None, x2=None, **extra):
-    """Calls ``kernel_fn`` the way the spec says (inputs default to :func:`make_inputs`)."""
+def kernel_call(spec: Spec, kernel_fn, x1=None, x2=None, jit: bool = False, **extra):
+    """Calls ``kernel_fn`` the way the spec says (inputs default to :func:`make_inputs`).
+
+    With ``jit=True`` the call is traced once with ``get`` and the keyword arguments static: on
+    CPU one XLA compilation of the whole network is ~10x cheaper than NT's op-by-op dispatch.
+    """
     if x1 is None:
         x1, x2 = make_inputs(spec)
-    return kernel_fn(x1, x2, spec.get, **spec.kernel_kwargs, **extra)
+    kwargs = {**spec.kernel_kwargs, **extra}
+
+    def call(a, b):
+        return kernel_fn(a, b, spec.get, **kwargs)
+
+    return jax.jit(call)(x1, x2) if jit else call(x1, x2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,18 +298,25 @@ def _static_equal(a, b) -> bool:
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 
-def compare(actual, expected, rtol: float = 1e-6, path: str = "out") -> list:
+def compare(
+    actual, expected, rtol: float = 1e-6, path: str = "out", nt_nan_ok: bool = False
+) -> list:
     """Differences between an ntfast ``kernel_fn`` output and NT's, as readable strings.
 
     Handles Kernels (arrays with ``rtol``; static fields and masks exactly), namedtuples from
-    ``get``, bare arrays/scalars and NTTrees (lists/tuples of those).
+    ``get``, bare arrays/scalars and NTTrees (lists/tuples of those). NaN patterns must match,
+    except with ``nt_nan_ok``: entries where NT is NaN (a known NT defect, e.g.
+    ``RectifiedMonomial`` on the x1 == x2 diagonal) must be finite in ntfast and are left out of
+    the error.
     """
     problems = []
     if _is_kernel(expected):
         if not _is_kernel(actual):
             return [f"{path}: expected a Kernel, got {type(actual).__name__}"]
         for f in KERNEL_ARRAYS:
-            problems += compare(getattr(actual, f), getattr(expected, f), rtol, f"{path}.{f}")
+            problems += compare(
+                getattr(actual, f), getattr(expected, f), rtol, f"{path}.{f}", nt_nan_ok
+            )
         for f in KERNEL_STATIC + ("mask1", "mask2"):
             a, e = getattr(actual, f), getattr(expected, f)
             if f in ("shape1", "shape2") and a is not None and e is not None:
@@ -312,7 +328,9 @@ def compare(actual, expected, rtol: float = 1e-6, path: str = "out") -> list:
         if not hasattr(actual, "_fields") or tuple(actual._fields) != tuple(expected._fields):
             return [f"{path}: expected namedtuple {expected._fields}, got {_short(actual)}"]
         for f in expected._fields:
-            problems += compare(getattr(actual, f), getattr(expected, f), rtol, f"{path}.{f}")
+            problems += compare(
+                getattr(actual, f), getattr(expected, f), rtol, f"{path}.{f}", nt_nan_ok
+            )
         return problems
     if isinstance(expected, (list, tuple)):
         if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
@@ -320,7 +338,7 @@ def compare(actual, expected, rtol: float = 1e-6, path: str = "out") -> list:
         if type(actual) is not type(expected):
             problems.append(f"{path}: type {type(actual).__name__} != {type(expected).__name__}")
         for i, (a, e) in enumerate(zip(actual, expected)):
-            problems += compare(a, e, rtol, f"{path}[{i}]")
+            problems += compare(a, e, rtol, f"{path}[{i}]", nt_nan_ok)
         return problems
     if expected is None or actual is None:
         if not (expected is None and actual is None):
@@ -332,6 +350,11 @@ def compare(actual, expected, rtol: float = 1e-6, path: str = "out") -> list:
         return problems
     if np.shape(actual) != np.shape(expected):
         return [f"{path}: shape {np.shape(actual)} != NT {np.shape(expected)}"]
+    if nt_nan_ok:
+        nt_nan = np.isnan(np.asarray(expected))
+        if np.isnan(np.asarray(actual)[nt_nan]).any():
+            problems.append(f"{path}: NaN where NT is NaN (the NT defect should be fixed)")
+        actual = np.where(nt_nan, np.nan, np.asarray(actual))
     err = rel_err(actual, expected)
     if not err <= rtol:
         problems.append(f"{path}: rel err {err:.3g} > {rtol:g}")
@@ -388,9 +411,17 @@ class _Gen:
         self._next_nonlin = 0
         self._paddings = ["SAME", "VALID", "CIRCULAR"]
         self._next_padding = 0
+        self._cycles = {}
 
     def choice(self, seq):
         return seq[self.rng.randint(len(seq))]
+
+    def cycle(self, key: str, seq):
+        """Round-robin over ``seq`` per ``key``: every option appears once per ``len(seq)`` calls,
+        so coverage does not hinge on the random draws."""
+        i = self._cycles.get(key, 0)
+        self._cycles[key] = i + 1
+        return seq[i % len(seq)]
 
     def coin(self, p=0.5) -> bool:
         return bool(self.rng.rand() < p)
@@ -415,7 +446,7 @@ class _Gen:
 
     def dense(self, st: _State, out=None, **over) -> Node:
         out = out or int(self.rng.randint(1, 4))
-        kw = dict(out_dim=out, W_std=self.std(), b_std=self.b_std())
+        kw = {"out_dim": out, "W_std": self.std(), "b_std": self.b_std()}
         if self.coin(0.3):
             kw["parameterization"] = "standard"
             if self.coin(0.5):
@@ -424,7 +455,8 @@ class _Gen:
             kw["channel_axis"] = st.ca
         kw.update(over)
         shape = list(st.shape)
-        shape[st.channel] = out
+        # NT's standard parameterization builds `out_dim * s[1]` channels (width multiplier).
+        shape[st.channel] = out * (kw.get("s", (1, 1))[1] if "parameterization" in kw else 1)
         st.shape, st.gaussian = tuple(shape), True
         return ("Dense", kw)
 
@@ -440,19 +472,17 @@ class _Gen:
             new[ax] = (size - f) // s + 1 if padding == "VALID" else -(-size // s)
         lhs = st.lhs_spec()
         spatial_letters = "".join(c for c in lhs if c not in "NC")
-        rhs = self.choice(
-            [spatial_letters + "IO", "OI" + spatial_letters, "IO" + spatial_letters]
-        )
+        rhs = self.choice([spatial_letters + "IO", "OI" + spatial_letters, "IO" + spatial_letters])
         out = out_spec or lhs
-        kw = dict(
-            out_chan=int(self.rng.randint(1, 4)),
-            filter_shape=tuple(filt),
-            strides=tuple(strides) if any(s > 1 for s in strides) or self.coin() else None,
-            padding=padding,
-            W_std=self.std(),
-            b_std=self.b_std(),
-            dimension_numbers=(lhs, rhs, out),
-        )
+        kw = {
+            "out_chan": int(self.rng.randint(1, 4)),
+            "filter_shape": tuple(filt),
+            "strides": tuple(strides) if any(s > 1 for s in strides) or self.coin() else None,
+            "padding": padding,
+            "W_std": self.std(),
+            "b_std": self.b_std(),
+            "dimension_numbers": (lhs, rhs, out),
+        }
         if kw["strides"] is None:
             del kw["strides"]
         if self.coin(0.25):
@@ -466,57 +496,66 @@ class _Gen:
         st.gaussian = True
         return ("Conv", kw)
 
-    def nonlin(self, st: _State, name=None) -> list:
+    def nonlin(self, st: _State, name=None, branch=False) -> list:
         """An elementwise layer (plus a LayerNorm before Hermite, whose kernel assumes unit
-        variances). Requires a Gaussian input; leaves a non-Gaussian one."""
+        variances). Requires a Gaussian input; leaves a non-Gaussian one.
+
+        ``branch``: the layer sits in a ``parallel`` branch. NT infers output shapes by running
+        ``apply_fn``; ExpNormalized has none, so NT keeps the *input* shapes for the whole
+        ``parallel`` and a following FanIn rejects them. Such branches skip ExpNormalized.
+        """
         assert st.gaussian, "nonlinearities need a preceding affine layer"
         name = name or self.next_nonlin_name()
+        if branch and name == "ExpNormalized":
+            name = self.next_nonlin_name()
         rng = self.rng
-        r3 = lambda lo, hi: float(np.round(rng.uniform(lo, hi), 3))  # noqa: E731
+        r3 = lambda lo, hi: float(np.round(rng.uniform(lo, hi), 3))
         pre = []
         if name == "Relu":
             kw = {"do_stabilize": True} if self.coin(0.3) else {}
         elif name == "ABRelu":
-            kw = dict(a=r3(-1, 0.5), b=r3(0.5, 2), do_stabilize=self.coin(0.3))
+            kw = {"a": r3(-1, 0.5), "b": r3(0.5, 2), "do_stabilize": self.coin(0.3)}
         elif name == "LeakyRelu":
-            kw = dict(alpha=r3(0.01, 0.5))
+            kw = {"alpha": r3(0.01, 0.5)}
         elif name == "Abs":
             kw = {"do_stabilize": True} if self.coin(0.3) else {}
         elif name in ("Erf", "Sin", "Cos"):
-            kw = dict(a=r3(0.5, 1.5), b=r3(0.3, 1.5), c=r3(-0.5, 0.5)) if self.coin(0.7) else {}
+            kw = (
+                {"a": r3(0.5, 1.5), "b": r3(0.3, 1.5), "c": r3(-0.5, 0.5)} if self.coin(0.7) else {}
+            )
         elif name == "Gelu":
-            kw = dict(approximate=self.coin())
+            kw = {"approximate": self.coin()}
         elif name == "Rbf":
-            kw = dict(gamma=r3(0.2, 1.5))
+            kw = {"gamma": r3(0.2, 1.5)}
         elif name == "Exp":
-            kw = dict(a=r3(0.5, 1.5), b=r3(0.2, 0.8))
+            kw = {"a": r3(0.5, 1.5), "b": r3(0.2, 0.8)}
         elif name == "Gaussian":
-            kw = dict(a=r3(0.5, 1.5), b=r3(-1.5, -0.3))
+            kw = {"a": r3(0.5, 1.5), "b": r3(-1.5, -0.3)}
         elif name == "ExpNormalized":
-            kw = dict(gamma=r3(0.3, 1.5), shift=r3(-1.5, 0), do_clip=self.coin())
+            kw = {"gamma": r3(0.3, 1.5), "shift": r3(-1.5, 0), "do_clip": self.coin()}
         elif name == "Hermite":
-            kw = dict(degree=int(rng.randint(0, 5)))
-            pre = [("LayerNorm", dict(axis=st.ca, channel_axis=st.ca))]
+            kw = {"degree": int(rng.randint(0, 5))}
+            pre = [("LayerNorm", {"axis": st.ca, "channel_axis": st.ca})]
         elif name == "Monomial":
-            kw = dict(degree=int(rng.randint(0, 6)))
+            kw = {"degree": int(rng.randint(0, 6))}
         elif name == "RectifiedMonomial":
-            kw = dict(degree=int(rng.randint(0, 4)))
+            kw = {"degree": int(rng.randint(0, 4))}
         elif name == "Polynomial":
-            kw = dict(coef=tuple(r3(-1, 1) for _ in range(int(rng.randint(1, 5)))))
+            kw = {"coef": tuple(r3(-1, 1) for _ in range(int(rng.randint(1, 5))))}
         elif name == "Elementwise":
             if self.coin():
-                kw = dict(fn="erf", nngp_fn="erf_nngp")
+                kw = {"fn": "erf", "nngp_fn": "erf_nngp"}
                 if self.coin():
                     kw["d_nngp_fn"] = "erf_d_nngp"
             else:
-                kw = dict(fn="sin", nngp_fn="sin_nngp", d_nngp_fn="sin_d_nngp")
+                kw = {"fn": "sin", "nngp_fn": "sin_nngp", "d_nngp_fn": "sin_d_nngp"}
         elif name == "ElementwiseNumerical":
             kw = self.choice(
                 [
-                    dict(fn="tanh", deg=int(rng.randint(8, 20)), df="tanh_grad"),
-                    dict(fn="tanh", deg=int(rng.randint(8, 20))),
-                    dict(fn="softplus", deg=int(rng.randint(8, 20))),
-                    dict(fn="sin", deg=12, df="cos"),
+                    {"fn": "tanh", "deg": int(rng.randint(8, 20)), "df": "tanh_grad"},
+                    {"fn": "tanh", "deg": int(rng.randint(8, 20))},
+                    {"fn": "softplus", "deg": int(rng.randint(8, 20))},
+                    {"fn": "sin", "deg": 12, "df": "cos"},
                 ]
             )
         else:  # Sign, Gabor, Sigmoid_like
@@ -535,7 +574,7 @@ class _Gen:
             window.append(w)
             strides.append(s)
             new[ax] = (size - w) // s + 1 if padding == "VALID" else -(-size // s)
-        kw = dict(window_shape=tuple(window), strides=tuple(strides), padding=padding)
+        kw = {"window_shape": tuple(window), "strides": tuple(strides), "padding": padding}
         if kind == "AvgPool" and self.coin(0.6):
             kw["normalize_edges"] = self.coin(0.7)
         if st.ca != -1:
@@ -606,14 +645,14 @@ def _fam_mlp(g: _Gen):
             layers.append(("LayerNorm", {}))
         layers += g.nonlin(st)
         if g.coin(0.2):
-            layers.append(("Dropout", dict(rate=float(np.round(g.rng.uniform(0.3, 1), 3)))))
+            layers.append(("Dropout", {"rate": float(np.round(g.rng.uniform(0.3, 1), 3))}))
         elif g.coin(0.15):
             layers.append(("Identity", {}))
         layers.append(g.dense(st))
     kwargs = {}
     if g.coin(0.3):
         kwargs["diagonal_batch"] = False
-    return "mlp", layers, st, dict(n2=g.x2(n1), get=g.get(), kwargs=kwargs)
+    return "mlp", layers, st, {"n2": g.x2(n1), "get": g.get(), "kwargs": kwargs}
 
 
 def _fam_cnn(g: _Gen, ndim_spatial=2):
@@ -640,7 +679,7 @@ def _fam_cnn(g: _Gen, ndim_spatial=2):
         kwargs["diagonal_batch"] = False
     layers += readout
     name = {1: "cnn1d", 2: "cnn2d", 3: "cnn3d"}[ndim_spatial]
-    return name, layers, st, dict(n2=g.x2(n1), get=g.get(), kwargs=kwargs)
+    return name, layers, st, {"n2": g.x2(n1), "get": g.get(), "kwargs": kwargs}
 
 
 def _fam_cnn1d(g):
@@ -665,7 +704,7 @@ def _fam_dense_images(g: _Gen):
     if g.coin(0.3):
         kwargs["diagonal_batch"] = False
     layers += g.readout(st, kind)
-    return "dense_img", layers, st, dict(n2=g.x2(n1), get=g.get(), kwargs=kwargs)
+    return "dense_img", layers, st, {"n2": g.x2(n1), "get": g.get(), "kwargs": kwargs}
 
 
 def _fam_resnet(g: _Gen):
@@ -674,7 +713,9 @@ def _fam_resnet(g: _Gen):
     for _ in range(int(g.rng.randint(1, 3))):
         b = st.copy()
         pad = g.choice(["SAME", "CIRCULAR"])
-        branch = g.nonlin(b) + [g.conv(b, padding=pad, strides_ok=False, out_chan=b.shape[b.channel])]
+        branch = g.nonlin(b, branch=True) + [
+            g.conv(b, padding=pad, strides_ok=False, out_chan=b.shape[b.channel])
+        ]
         shortcut = ("Identity", {}) if g.coin() else _serial([("Identity", {})])
         layers += [
             ("FanOut", {"num": 2}),
@@ -684,7 +725,7 @@ def _fam_resnet(g: _Gen):
         st.gaussian = True
     layers += g.nonlin(st)
     layers += g.readout(st, g.choice(["GlobalAvgPool", "Flatten"]))
-    return "resnet", layers, st, dict(n2=g.x2(n1), get=g.get())
+    return "resnet", layers, st, {"n2": g.x2(n1), "get": g.get()}
 
 
 def _fam_fanin(g: _Gen):
@@ -698,8 +739,9 @@ def _fam_fanin(g: _Gen):
         st = _State((n1, 3), -1)
         first = g.dense(st)
     num = int(g.rng.randint(2, 4))
-    join = g.choice(["FanInProd", "FanInConcat", "FanInConcat_spatial"] if image else
-                    ["FanInProd", "FanInConcat"])
+    join = g.cycle("fanin", ["FanInProd", "FanInConcat", "FanInConcat_spatial"])
+    if join == "FanInConcat_spatial" and not image:
+        join = "FanInConcat"
     branches, outs = [], []
     for j in range(num):
         b = st.copy()
@@ -708,19 +750,27 @@ def _fam_fanin(g: _Gen):
             ax = b.spatial[0]
             f = [1] * len(b.spatial)
             f[0] = min(j + 1, b.shape[ax])
-            kw = dict(out_chan=2, filter_shape=tuple(f), padding="VALID", W_std=g.std(),
-                      b_std=g.b_std(), dimension_numbers=(b.lhs_spec(), "OI" + "HW", b.lhs_spec()))
+            kw = {
+                "out_chan": 2,
+                "filter_shape": tuple(f),
+                "padding": "VALID",
+                "W_std": g.std(),
+                "b_std": g.b_std(),
+                "dimension_numbers": (b.lhs_spec(), "OI" + "HW", b.lhs_spec()),
+            }
             shape = list(b.shape)
             shape[ax] = b.shape[ax] - f[0] + 1
             shape[b.channel] = 2
             b.shape = tuple(shape)
-            branch = g.nonlin(b) + [("Conv", kw)]
+            branch = g.nonlin(b, branch=True) + [("Conv", kw)]
         elif join == "FanInProd":
-            branch = g.nonlin(b) if g.coin(0.6) else [g.dense(b, out=b.shape[b.channel])]
+            branch = (
+                g.nonlin(b, branch=True) if g.coin(0.6) else [g.dense(b, out=b.shape[b.channel])]
+            )
             if not image and g.coin(0.4):
-                branch = [g.dense(b, out=b.shape[b.channel])] + g.nonlin(b)
+                branch = [g.dense(b, out=b.shape[b.channel])] + g.nonlin(b, branch=True)
         else:
-            branch = g.nonlin(b) + ([g.dense(b)] if g.coin() else [])
+            branch = g.nonlin(b, branch=True) + ([g.dense(b)] if g.coin() else [])
         branches.append(_serial(branch))
         outs.append(b)
     if join == "FanInConcat_spatial":
@@ -737,8 +787,7 @@ def _fam_fanin(g: _Gen):
     else:
         st.shape, st.gaussian = outs[0].shape, False
         join_node = ("FanInProd", {})
-    layers = [first, ("FanOut", {"num": num}), ("parallel", {"layers": tuple(branches)}),
-              join_node]
+    layers = [first, ("FanOut", {"num": num}), ("parallel", {"layers": tuple(branches)}), join_node]
     if image:
         layers.append(g.conv(st, padding="SAME"))
         layers += g.nonlin(st)
@@ -747,7 +796,7 @@ def _fam_fanin(g: _Gen):
         layers.append(g.dense(st))
         layers += g.nonlin(st)
         layers.append(g.dense(st))
-    return "fanin_" + join.lower(), layers, st, dict(n2=g.x2(n1), get=g.get())
+    return "fanin_" + join.lower(), layers, st, {"n2": g.x2(n1), "get": g.get()}
 
 
 def _fam_tree(g: _Gen):
@@ -758,25 +807,25 @@ def _fam_tree(g: _Gen):
     sb.shape = sb.input_shape = (n1,) + sb.shape[1:]
     x_shapes = (sa.shape, sb.shape)
     out = int(g.rng.randint(1, 4))
-    a = [g.dense(sa)] + g.nonlin(sa) + [g.dense(sa, out=out)]
-    b = [g.conv(sb, padding="SAME")] + g.nonlin(sb)
+    a = [g.dense(sa)] + g.nonlin(sa, branch=True) + [g.dense(sa, out=out)]
+    b = [g.conv(sb, padding="SAME")] + g.nonlin(sb, branch=True)
     b += [g.readout(sb)[0], g.dense(sb, out=out)]
     layers = [("parallel", {"layers": (_serial(a), _serial(b))})]
-    joined = g.choice([None, "FanInSum", "FanInConcat"])
+    joined = g.cycle("tree", [None, "FanInSum", "FanInConcat"])
     if joined == "FanInSum":
         layers.append(("FanInSum", {}))
     elif joined == "FanInConcat":
-        layers += [("FanInConcat", {}), ("Dense", dict(out_dim=1, W_std=1.3, b_std=0.1))]
+        layers += [("FanInConcat", {}), ("Dense", {"out_dim": 1, "W_std": 1.3, "b_std": 0.1})]
     get = g.choice([None, "nngp", ("nngp", "ntk"), "ntk"])
     n2 = g.choice([None, n1 + 1])
-    return f"tree_{joined or 'out'}", layers, x_shapes, dict(n2=n2, get=get, tree=True)
+    return f"tree_{joined or 'out'}", layers, x_shapes, {"n2": n2, "get": get, "tree": True}
 
 
 def _fam_dotgeneral(g: _Gen):
     st, n1 = _image_state(g, 2, g.coin(0.5))
     layers = [g.conv(st, padding="SAME")]
     layers += g.nonlin(st)
-    variant = g.choice(["rhs_scalar", "lhs_scalar", "rhs_vector", "rhs_matrix"])
+    variant = g.cycle("dot", ["rhs_vector", "rhs_matrix", "rhs_scalar", "lhs_scalar"])
     dn_kw = {} if st.ca == -1 else {"channel_axis": st.ca}
     if variant == "rhs_scalar":
         layers.append(("DotGeneral", dict(rhs=float(np.round(g.rng.uniform(-2, 2), 3)), **dn_kw)))
@@ -806,17 +855,16 @@ def _fam_dotgeneral(g: _Gen):
         )
         st.shape, st.channel = tuple(shape), new_channel
     layers += g.readout(st, g.choice(["GlobalAvgPool", "Flatten", "GlobalSumPool"]))
-    return "dotgeneral_" + variant, layers, st, dict(n2=g.x2(n1), get=g.get())
+    return "dotgeneral_" + variant, layers, st, {"n2": g.x2(n1), "get": g.get()}
 
 
 def _fam_index(g: _Gen):
-    st, n1 = _image_state(g, 2, g.coin(0.4))
-    n1 = 3
+    st, _n1 = _image_state(g, 2, g.coin(0.4))
     st.shape = st.input_shape = (3,) + st.shape[1:]
     layers = [g.conv(st, padding="SAME")]
     layers += g.nonlin(st)
     idx = [slice(None)] * len(st.shape)
-    variant = g.choice(["crop", "stride", "reverse", "int", "batch"])
+    variant = g.cycle("index", ["crop", "int", "batch", "stride", "reverse"])
     ax = g.choice(list(st.spatial))
     if variant == "crop":
         idx[ax] = slice(1, None)
@@ -840,13 +888,13 @@ def _fam_index(g: _Gen):
     layers.append(g.conv(st, padding="SAME"))
     layers += g.readout(st)
     n2 = g.choice([None, 2, 4])
-    return "index_" + variant, layers, st, dict(n2=n2, get=g.get())
+    return "index_" + variant, layers, st, {"n2": n2, "get": g.get()}
 
 
 def _fam_layernorm(g: _Gen):
     st, n1 = _image_state(g, g.choice([1, 2]), g.coin(0.4))
     layers = [g.conv(st, padding=g.choice(["SAME", "VALID"]))]
-    variant = g.choice(["channel", "all", "spatial_first"])
+    variant = g.cycle("layernorm", ["channel", "all", "spatial_first"])
     if variant == "channel":
         axis = st.ca
     elif variant == "all":
@@ -860,19 +908,19 @@ def _fam_layernorm(g: _Gen):
     layers += g.nonlin(st)
     layers.append(g.conv(st))
     layers += g.readout(st)
-    return "layernorm_" + variant, layers, st, dict(n2=g.x2(n1), get=g.get())
+    return "layernorm_" + variant, layers, st, {"n2": g.x2(n1), "get": g.get()}
 
 
 def _fam_dropout(g: _Gen):
     n1 = int(g.rng.randint(2, 4))
     st = _State((n1, 3), -1)
-    mode = g.choice(["train", "test"])
+    mode = g.cycle("dropout", ["train", "test"])
     layers = [g.dense(st)] + g.nonlin(st)
-    layers.append(("Dropout", dict(rate=float(np.round(g.rng.uniform(0.3, 0.95), 3)), mode=mode)))
+    layers.append(("Dropout", {"rate": float(np.round(g.rng.uniform(0.3, 0.95), 3)), "mode": mode}))
     layers.append(g.dense(st))
     layers += g.nonlin(st)
     layers.append(g.dense(st))
-    return "dropout_" + mode, layers, st, dict(n2=g.x2(n1), get=g.get())
+    return "dropout_" + mode, layers, st, {"n2": g.x2(n1), "get": g.get()}
 
 
 def _fam_repeat(g: _Gen):
@@ -881,8 +929,13 @@ def _fam_repeat(g: _Gen):
         st, n1 = _image_state(g, 2, g.coin(0.3))
         layers = [g.conv(st, padding="SAME", strides_ok=False)]
         b = st.copy()
-        pad = g.choice(["SAME", "CIRCULAR"])
-        block = g.nonlin(b) + [g.conv(b, padding=pad, strides_ok=False, out_chan=b.shape[b.channel])]
+        # Two convs per block: each full-spatial conv flips `is_reversed`, and `repeat` needs the
+        # block to map a Kernel to one with the same static metadata.
+        block = []
+        for _ in range(2):
+            pad = g.choice(["SAME", "CIRCULAR"])
+            block += g.nonlin(b)
+            block.append(g.conv(b, padding=pad, strides_ok=False, out_chan=b.shape[b.channel]))
     else:
         n1 = int(g.rng.randint(2, 4))
         st = _State((n1, 3), -1)
@@ -893,7 +946,7 @@ def _fam_repeat(g: _Gen):
     st.gaussian = True
     layers += g.nonlin(st)
     layers += g.readout(st) if image else [g.dense(st)]
-    return "repeat", layers, st, dict(n2=g.x2(n1), get=g.get())
+    return "repeat", layers, st, {"n2": g.x2(n1), "get": g.get()}
 
 
 def _fam_masked(g: _Gen):
@@ -901,7 +954,7 @@ def _fam_masked(g: _Gen):
     ndim = g.choice([1, 2])
     st, n1 = _image_state(g, ndim, False)
     n2 = g.choice([None, n1 + 1, max(1, n1 - 1)])
-    const = g.choice([-7.5, 1e4, float("nan")])
+    const = g.cycle("mask", [-7.5, float("nan"), 1e4])
     positions = []
     for which, n in ((1, n1), (2, n2 or 0)):
         for ex in range(n):
@@ -915,8 +968,16 @@ def _fam_masked(g: _Gen):
         layers += g.nonlin(st)
     layers.append(g.dense(st))
     layers += g.readout(st, g.choice(["GlobalAvgPool", "GlobalSumPool", "Flatten"]))
-    return "masked", layers, st, dict(
-        n2=n2, get=g.get(), kwargs={"mask_constant": const}, mask_positions=tuple(positions)
+    return (
+        "masked",
+        layers,
+        st,
+        {
+            "n2": n2,
+            "get": g.get(),
+            "kwargs": {"mask_constant": const},
+            "mask_positions": tuple(positions),
+        },
     )
 
 
@@ -929,7 +990,7 @@ def _fam_pool(g: _Gen):
     if g.coin():
         layers.append(g.pool(st, kind="AvgPool"))
     layers += g.readout(st)
-    return "pool", layers, st, dict(n2=g.x2(n1), get=g.get())
+    return "pool", layers, st, {"n2": g.x2(n1), "get": g.get()}
 
 
 FAMILIES = (

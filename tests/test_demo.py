@@ -1,5 +1,6 @@
 """The digits demo (``ntfast.demo``): accuracy well above chance, resumable blocked kernels, CLI."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -120,8 +121,63 @@ def test_network_matches_neural_tangents():
 
     x = demo.load_digits_split(3, 2, 0)
     x1, x2 = x.x_train.astype(np.float64), x.x_test.astype(np.float64)
-    got = demo.myrtle_network(ntfast.stax, 5)[1][2](x1, x2, get=("nngp", "ntk"))
-    want = demo.myrtle_network(load_nt_stax(), 5)[1][2](x1, x2, get=("nngp", "ntk"))
+
+    def kernels(stax):
+        kernel_fn = demo.myrtle_network(stax, 5)[1][2]
+        # Jitted: op-by-op NT on this network takes minutes.
+        return jax.jit(lambda a, b: tuple(kernel_fn(a, b, get=("nngp", "ntk"))))(x1, x2)
+
+    got, want = kernels(ntfast.stax), kernels(load_nt_stax())
     for g, w in zip(got, want):
         g, w = np.asarray(g), np.asarray(w)
         assert np.max(np.abs(g - w)) <= 1e-6 * np.max(np.abs(w))
+
+
+def _linear_kernel_fn(x1, x2, get):
+    """Stand-in kernel_fn (cheap to compile): NNGP = x1·x2ᵀ / d, NTK = 2·NNGP."""
+    f1, f2 = x1.reshape(len(x1), -1), x2.reshape(len(x2), -1)
+    nngp = f1 @ f2.T / f1.shape[1]
+    return {"nngp": nngp, "ntk": 2 * nngp}[get[0]], {"nngp": nngp, "ntk": 2 * nngp}[get[1]]
+
+
+def test_ctrl_c_keeps_finished_blocks(tmp_path, monkeypatch):
+    """A KeyboardInterrupt mid-run saves every finished block; the rerun computes only the rest."""
+    split = demo.load_digits_split(12, 7, 0)
+    cache = str(tmp_path / "c.npz")
+    kwargs = {"block": 5, "cache": cache, "fp": "linear", "progress": False}
+    real_block_until_ready = jax.block_until_ready
+    calls = []
+
+    def interrupt_on_third(x):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_block_until_ready(x)
+
+    monkeypatch.setattr(jax, "block_until_ready", interrupt_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        demo.compute_kernels(_linear_kernel_fn, split.x_train, split.x_test, **kwargs)
+    monkeypatch.setattr(jax, "block_until_ready", real_block_until_ready)
+    with np.load(cache) as data:
+        assert data["done"].tolist() == [[0, 0, 0], [0, 0, 1]]
+
+    # save_every_s=inf: only the final save, which must still hold everything.
+    resumed = demo.compute_kernels(
+        _linear_kernel_fn, split.x_train, split.x_test, **kwargs, save_every_s=float("inf")
+    )
+    total = len(demo.block_plan(12, 7, 5))
+    assert (resumed.blocks_cached, resumed.blocks_computed, resumed.complete) == (
+        2,
+        total - 2,
+        True,
+    )
+    f_train = split.x_train.reshape(12, -1).astype(np.float64)
+    f_test = split.x_test.reshape(7, -1).astype(np.float64)
+    want = f_train @ f_train.T / 64
+    np.testing.assert_allclose(resumed.kernels["train_nngp"], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        resumed.kernels["test_ntk"], 2 * f_test @ f_train.T / 64, rtol=1e-5, atol=1e-6
+    )
+    with np.load(cache) as data:
+        assert len(data["done"]) == total
+        np.testing.assert_array_equal(data["train_ntk"], resumed.kernels["train_ntk"])

@@ -7,10 +7,10 @@ contraction code is shared with the module under test. Networks are Neural Tange
 ``(init_fn, apply_fn)`` (the oracle, ``tests/nt_oracle.py``) plus small hand-written functions.
 """
 
+import functools
 import itertools
 import math
 import warnings
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -66,29 +66,36 @@ def _layout(full, ndim, trace_axes, diagonal_axes):
     return out
 
 
-def _direct(apply_fn, params, x1, x2, trace_axes, diagonal_axes, kw1=None, kw2=None, leaf=None):
-    """``(nngp, ntk)`` of output leaf ``leaf`` (None: the single output) by explicit Jacobians."""
+def _full_kernels(apply_fn, params, x1, x2, kw1=None, kw2=None, leaf=None):
+    """Full ``(nngp, ntk)`` in the unzipped layout ``(out1 axes, out2 axes)``, by explicit
+    Jacobians w.r.t. the raveled parameters. ``x2=None`` means ``x1``; ``kw2=None`` means ``kw1``.
+
+    Jitted as a whole: eager mode would compile every primitive separately (slow on CPU).
+    """
     kw1 = kw1 or {}
-    kw2 = kw1 if (x2 is None and kw2 is None) else (kw2 or {})
+    kw2 = kw1 if kw2 is None else kw2
     x2 = x1 if x2 is None else x2
     flat, unravel = ravel_pytree(params)
 
-    def fn(x, kw):
-        def f(p):
-            out = apply_fn(unravel(p), x, **kw)
-            return out if leaf is None else out[leaf]
+    def f(q, x, kw):
+        out = apply_fn(unravel(q), x, **kw)
+        return out if leaf is None else out[leaf]
 
-        return f
+    def full(p, x1, x2, kw1, kw2):
+        nngp = jnp.tensordot(f(p, x1, kw1), f(p, x2, kw2), axes=0)
+        j1, j2 = jax.jacobian(f)(p, x1, kw1), jax.jacobian(f)(p, x2, kw2)
+        return nngp, jnp.tensordot(j1, j2, axes=([-1], [-1]))
 
-    f1, f2 = fn(x1, kw1), fn(x2, kw2)
-    out1, out2 = np.asarray(f1(flat)), np.asarray(f2(flat))
-    j1, j2 = np.asarray(jax.jacobian(f1)(flat)), np.asarray(jax.jacobian(f2)(flat))
-    nngp_full = np.tensordot(out1, out2, axes=0)
-    ntk_full = np.tensordot(j1, j2, axes=([-1], [-1]))
-    d = out1.ndim
+    nngp, ntk = jax.jit(full)(flat, x1, x2, kw1, kw2)
+    return np.asarray(nngp), np.asarray(ntk), nngp.ndim // 2
+
+
+def _direct(apply_fn, params, x1, x2, trace_axes, diagonal_axes, kw1=None, kw2=None, leaf=None):
+    """``(nngp, ntk)`` of output leaf ``leaf`` (None: the single output), NT layout."""
+    nngp, ntk, d = _full_kernels(apply_fn, params, x1, x2, kw1, kw2, leaf)
     return (
-        _layout(nngp_full, d, trace_axes, diagonal_axes),
-        _layout(ntk_full, d, trace_axes, diagonal_axes),
+        _layout(nngp, d, trace_axes, diagonal_axes),
+        _layout(ntk, d, trace_axes, diagonal_axes),
     )
 
 
@@ -151,32 +158,48 @@ CNN_AXES = [
 ]
 
 
-@pytest.mark.parametrize("vmap_axes", [None, 0])
-@pytest.mark.parametrize(
-    "net, inputs, axes",
-    [(_mlp, _mlp_inputs, a) for a in MLP_AXES] + [(_cnn, _cnn_inputs, a) for a in CNN_AXES],
-    ids=[f"mlp-{a[:2]}" for a in MLP_AXES] + [f"cnn-{a[:2]}" for a in CNN_AXES],
-)
-def test_kernels_match_direct_jacobians(net, inputs, axes, vmap_axes):
-    trace_axes, diagonal_axes, uses_batch_axis = axes
+NETS = {"mlp": (_mlp, _mlp_inputs), "cnn": (_cnn, _cnn_inputs)}
+
+
+@functools.cache
+def _net_case(name, x2_is_none):
+    """``(apply_fn, params, x1, x2, full_nngp, full_ntk, ndim)`` for a named net, computed once."""
+    net, inputs = NETS[name]
     init_fn, apply_fn, _ = net()
     x1, x2 = inputs()
-    if uses_batch_axis:
-        x2 = None
+    x2 = None if x2_is_none else x2
     params = _params(init_fn, x1)
-    want_nngp, want_ntk = _direct(apply_fn, params, x1, x2, trace_axes, diagonal_axes)
+    return (apply_fn, params, x1, x2, *_full_kernels(apply_fn, params, x1, x2))
+
+
+CASES = [("mlp", a) for a in MLP_AXES] + [("cnn", a) for a in CNN_AXES]
+
+
+@pytest.mark.parametrize("vmap_axes", [None, 0])
+@pytest.mark.parametrize("name, axes", CASES, ids=[f"{n}-{a[0]}-{a[1]}" for n, a in CASES])
+def test_kernels_match_direct_jacobians(name, axes, vmap_axes):
+    trace_axes, diagonal_axes, uses_batch_axis = axes
+    apply_fn, params, x1, x2, nngp, ntk, ndim = _net_case(name, uses_batch_axis)
+    want_nngp = _layout(nngp, ndim, trace_axes, diagonal_axes)
+    want_ntk = _layout(ntk, ndim, trace_axes, diagonal_axes)
 
     kernel_fn = ntfast.empirical_kernel_fn(apply_fn, trace_axes, diagonal_axes, vmap_axes)
-    got = kernel_fn(x1, x2, None, params)
+    got = jax.jit(kernel_fn, static_argnames="get")(x1, x2, None, params)
     assert type(got).__name__ == "EmpiricalKernel" and got._fields == ("nngp", "ntk")
     _assert_close(got.nngp, want_nngp)
     _assert_close(got.ntk, want_ntk)
 
-    # The single-kernel functions agree with the joint one.
-    ntk_fn = ntfast.empirical_ntk_fn(apply_fn, trace_axes, diagonal_axes, vmap_axes)
-    nngp_fn = ntfast.empirical_nngp_fn(apply_fn, trace_axes, diagonal_axes)
-    _assert_close(ntk_fn(x1, x2, params), want_ntk)
-    _assert_close(nngp_fn(x1, x2, params), want_nngp)
+
+def test_single_kernel_fns_match_joint():
+    apply_fn, params, x1, x2, *_ = _net_case("cnn", False)
+    args = ((-1,), (1,))
+    both = jax.jit(ntfast.empirical_kernel_fn(apply_fn, *args), static_argnums=2)(
+        x1, x2, None, params
+    )
+    ntk = jax.jit(ntfast.empirical_ntk_fn(apply_fn, *args, vmap_axes=0))(x1, x2, params)
+    nngp = jax.jit(ntfast.empirical_nngp_fn(apply_fn, *args))(x1, x2, params)
+    _assert_close(ntk, both.ntk)
+    _assert_close(nngp, both.nngp)
 
 
 def test_default_shapes_follow_nt_conventions():
@@ -445,6 +468,6 @@ def test_no_output_by_default(capsys):
     params = _params(init_fn, x1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        partial(ntfast.empirical_kernel_fn(apply_fn), get=None)(x1, x2, params=params)
+        ntfast.empirical_kernel_fn(apply_fn)(x1, x2, get=None, params=params)
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""

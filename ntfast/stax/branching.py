@@ -179,7 +179,7 @@ def FanInConcat(axis: int = -1):
         k0 = ks[0]
         ndim = len(k0.shape1)
         ax = axis % ndim
-        drop = lambda s: s[:ax] + s[ax + 1 :]  # noqa: E731
+        drop = lambda s: s[:ax] + s[ax + 1 :]
         for k in ks:
             if drop(k.shape1) != drop(k0.shape1) or drop(k.shape2) != drop(k0.shape2):
                 raise ValueError("Non-`axis` shapes should be equal in `FanInConcat`.")

@@ -183,4 +183,4 @@ def _get_input_req_attr(kernel_fns, fold: Callable[[Diagonal, Diagonal], Diagona
     return req
 
 
-__all__ = ["serial", "parallel", "repeat"]
+__all__ = ["parallel", "repeat", "serial"]

@@ -159,11 +159,11 @@ def supports_masking(remask_kernel: bool):
                 return mask if raw_mask_fn is None else raw_mask_fn(mask, input_shape)
 
             def apply_fn_with_masking(params, inputs, *, mask_constant=None, **kw):
-                is_arr = lambda x: isinstance(x, (jnp.ndarray, np.ndarray, MaskedArray))  # noqa: E731
+                is_arr = lambda x: isinstance(x, (jnp.ndarray, np.ndarray, MaskedArray))
                 masked = tree_map(
                     lambda x: _get_masked_array(x, mask_constant), inputs, is_leaf=is_arr
                 )
-                is_m = lambda x: isinstance(x, MaskedArray)  # noqa: E731
+                is_m = lambda x: isinstance(x, MaskedArray)
                 values = tree_map(lambda x: x.masked_value, masked, is_leaf=is_m)
                 mask = tree_map(lambda x: x.mask, masked, is_leaf=is_m)
                 outputs = apply_fn(params, values, mask=mask, **kw)
@@ -176,7 +176,7 @@ def supports_masking(remask_kernel: bool):
                 return outputs if out_mask is None else MaskedArray(outputs, out_mask)
 
             def kernel_fn_with_masking(k, **user_reqs):
-                is_k = lambda x: isinstance(x, Kernel)  # noqa: E731
+                is_k = lambda x: isinstance(x, Kernel)
                 mask1 = mask_fn(
                     tree_map(lambda x: x.mask1, k, is_leaf=is_k),
                     tree_map(lambda x: x.shape1, k, is_leaf=is_k),
@@ -187,9 +187,9 @@ def supports_masking(remask_kernel: bool):
                 )
                 k = kernel_fn(k, **user_reqs)
                 if remask_kernel:
-                    remask = lambda kk, m1, m2: kk.mask(m1, m2)  # noqa: E731
+                    remask = lambda kk, m1, m2: kk.mask(m1, m2)
                 else:
-                    remask = lambda kk, m1, m2: kk.replace(mask1=m1, mask2=m2)  # noqa: E731
+                    remask = lambda kk, m1, m2: kk.replace(mask1=m1, mask2=m2)
                 return tree_map(remask, k, mask1, mask2, is_leaf=is_k)
 
             if _has_req(kernel_fn):
@@ -454,7 +454,7 @@ def _propagate_shape(init_fn, apply_fn, shaped, **kwargs):
 
 def _set_shapes(init_fn, apply_fn, in_kernel, out_kernel, **kwargs):
     """Sets ``shape1``/``shape2`` of the output kernel(s) from the layer's ``apply_fn`` shapes."""
-    is_k = lambda k: isinstance(k, Kernel)  # noqa: E731
+    is_k = lambda k: isinstance(k, Kernel)
     shape1 = tree_map(
         lambda k: jax.ShapeDtypeStruct(k.shape1, k.nngp.dtype), in_kernel, is_leaf=is_k
     )
@@ -561,7 +561,7 @@ def _check_get(get) -> None:
 
 
 def _all_of(x, cls: type) -> bool:
-    is_leaf = lambda a: isinstance(a, (Kernel, jnp.ndarray, np.ndarray))  # noqa: E731
+    is_leaf = lambda a: isinstance(a, (Kernel, jnp.ndarray, np.ndarray))
     return tree_all(tree_map(lambda a: isinstance(a, cls), x, is_leaf=is_leaf))
 
 

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from nt_oracle import load_nt_stax
 
 import ntfast as nt
-from nt_oracle import load_nt_stax
 
 _FIELDS = ("nngp", "ntk", "cov1", "cov2")
 _STATIC = ("is_gaussian", "is_reversed", "is_input", "diagonal_batch", "diagonal_spatial",
@@ -60,7 +60,7 @@ def test_same_key_same_params_and_outputs_as_nt():
 def test_repeat_equals_serial_and_nt():
     s, S = nt.stax, load_nt_stax()
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4))
-    layer = lambda m: m.serial(m.Dense(4, W_std=1.4, b_std=0.1), m.Relu())  # noqa: E731
+    layer = lambda m: m.serial(m.Dense(4, W_std=1.4, b_std=0.1), m.Relu())
     rep = s.repeat(layer(s), 3)[2](x, None)
     ser = s.serial(*[layer(s)] * 3)[2](x, None)
     _assert_parity(rep, ser)

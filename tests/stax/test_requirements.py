@@ -5,10 +5,10 @@ import itertools
 import jax
 import numpy as np
 import pytest
+from nt_oracle import load_nt_stax
 
 import ntfast as nt
 from ntfast.stax.requirements import Bool, Diagonal
-from nt_oracle import load_nt_stax
 
 _ALL = [Diagonal(i, o) for i, o in itertools.product(Bool, Bool)]
 
@@ -23,7 +23,7 @@ def _nt_req():
 @pytest.mark.parametrize("a", _ALL, ids=str)
 def test_diagonal_algebra_matches_nt(a):
     R = _nt_req()
-    conv = lambda d: R.Diagonal(R.Bool(int(d.input)), R.Bool(int(d.output)))  # noqa: E731
+    conv = lambda d: R.Diagonal(R.Bool(int(d.input)), R.Bool(int(d.output)))
     for b in _ALL:
         for ours, theirs in ((a >> b, conv(a) >> conv(b)), (a & b, conv(a) & conv(b))):
             assert (int(ours.input), int(ours.output)) == (int(theirs.input), int(theirs.output))

@@ -1,0 +1,1 @@
+"""Benchmarks of ntfast against Neural Tangents (pytest-benchmark); see ``bench/README.md``."""
