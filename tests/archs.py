@@ -197,14 +197,37 @@ def _materialize(name: str, kw: dict) -> dict:
     return kw
 
 
-def build(spec_or_node, stax):
-    """Instantiates ``(init_fn, apply_fn, kernel_fn)`` of a spec (or layer node) from ``stax``."""
+def _sign_nngp(cov12, var1, var2):
+    """E[sign(u) sign(v)] = (2/pi) arcsin(cov12 / sqrt(var1 var2)), 0 where a variance is 0."""
+    prod = var1 * var2
+    safe = jnp.where(prod > 0, prod, 1.0)
+    rho = jnp.clip(cov12 / jnp.sqrt(safe), -1.0, 1.0)
+    return jnp.where(prod > 0, jnp.arcsin(rho) * 2 / np.pi, 0.0)
+
+
+def _zero(cov12, var1, var2):
+    return jnp.zeros_like(cov12)
+
+
+def build(spec_or_node, stax, fix_nt_defects: bool = False):
+    """Instantiates ``(init_fn, apply_fn, kernel_fn)`` of a spec (or layer node) from ``stax``.
+
+    ``fix_nt_defects`` (for the NT side of a parity check) swaps layers whose NT 0.6.5 kernel is
+    wrong for a correct equivalent built from NT's own machinery:
+
+    - ``Sign``: NT sets every entry of cov1/cov2 to 1, which is right only for the variances;
+      the location-location entries of a full-spatial (or diagonal_batch=False) cov1 are
+      (2/pi) arcsin(rho), like nngp. Replaced by ``Elementwise(sign, arcsin kernel, 0)``, which
+      applies the same formula to nngp, cov1 and cov2 (and zeroes the NTK, as NT's Sign does).
+    """
     node = spec_or_node.net if isinstance(spec_or_node, Spec) else spec_or_node
     name, kw = node
     if name in ("serial", "parallel"):
-        return getattr(stax, name)(*(build(child, stax) for child in kw["layers"]))
+        return getattr(stax, name)(*(build(child, stax, fix_nt_defects) for child in kw["layers"]))
     if name == "repeat":
-        return stax.repeat(build(kw["layer"], stax), kw["n"])
+        return stax.repeat(build(kw["layer"], stax, fix_nt_defects), kw["n"])
+    if fix_nt_defects and name == "Sign":
+        return stax.Elementwise(fn=jnp.sign, nngp_fn=_sign_nngp, d_nngp_fn=_zero)
     return getattr(stax, name)(**_materialize(name, kw))
 
 

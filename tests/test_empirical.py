@@ -27,8 +27,17 @@ nt_stax = load_nt_stax()
 RTOL = 1e-10  # f64 throughout; both sides sum the same products in a different order.
 
 
+# Compilation dominates this suite's run time on CPU (~0.3-1 s per XLA program), so inputs come
+# from numpy, every computation under test is jitted as a whole, and the truth is built once per
+# network.
+
+
 def _key(i):
     return jax.random.PRNGKey(i)
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape))
 
 
 def _layout(full, ndim, trace_axes, diagonal_axes):
@@ -127,15 +136,21 @@ def _cnn():
 
 
 def _mlp_inputs():
-    return jax.random.normal(_key(1), (4, 5)), jax.random.normal(_key(2), (3, 5))
+    return _normal(1, (4, 5)), _normal(2, (3, 5))
 
 
 def _cnn_inputs():
-    return jax.random.normal(_key(3), (2, 3, 5, 2)), jax.random.normal(_key(4), (3, 3, 5, 2))
+    return _normal(3, (2, 3, 5, 2)), _normal(4, (3, 3, 5, 2))
 
 
-def _params(init_fn, x):
-    return init_fn(_key(0), jax.tree_util.tree_map(jnp.shape, x))[1]
+def _params(init_fn, x, seed=0):
+    """Parameters of ``init_fn``'s structure and shapes, drawn by numpy (no XLA compile: threefry
+    programs take seconds to compile here). The tests hold for any parameter values."""
+    shapes = jax.tree_util.tree_map(jnp.shape, x)
+    structs = jax.eval_shape(lambda: init_fn(_key(0), shapes)[1])
+    leaves, treedef = jax.tree_util.tree_flatten(structs)
+    rng = np.random.default_rng(seed)
+    return treedef.unflatten([jnp.asarray(rng.standard_normal(leaf.shape)) for leaf in leaves])
 
 
 # (trace_axes, diagonal_axes, uses_batch_axis): kernels touching axis 0 need N1 == N2 (x2=None).
@@ -172,54 +187,84 @@ def _net_case(name, x2_is_none):
     return (apply_fn, params, x1, x2, *_full_kernels(apply_fn, params, x1, x2))
 
 
-CASES = [("mlp", a) for a in MLP_AXES] + [("cnn", a) for a in CNN_AXES]
-
-
 @pytest.mark.parametrize("vmap_axes", [None, 0])
-@pytest.mark.parametrize("name, axes", CASES, ids=[f"{n}-{a[0]}-{a[1]}" for n, a in CASES])
-def test_kernels_match_direct_jacobians(name, axes, vmap_axes):
-    trace_axes, diagonal_axes, uses_batch_axis = axes
-    apply_fn, params, x1, x2, nngp, ntk, ndim = _net_case(name, uses_batch_axis)
-    want_nngp = _layout(nngp, ndim, trace_axes, diagonal_axes)
-    want_ntk = _layout(ntk, ndim, trace_axes, diagonal_axes)
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_kernels_match_direct_jacobians(name, vmap_axes):
+    """Every (trace_axes, diagonal_axes) case of the net, computed in one jitted program."""
+    cases = MLP_AXES if name == "mlp" else CNN_AXES
+    apply_fn, params, x1, x2, *_ = _net_case(name, False)
 
-    kernel_fn = ntfast.empirical_kernel_fn(apply_fn, trace_axes, diagonal_axes, vmap_axes)
-    got = jax.jit(kernel_fn, static_argnames="get")(x1, x2, None, params)
-    assert type(got).__name__ == "EmpiricalKernel" and got._fields == ("nngp", "ntk")
-    _assert_close(got.nngp, want_nngp)
-    _assert_close(got.ntk, want_ntk)
+    @jax.jit
+    def all_cases(x1, x2, params):
+        out = []
+        for trace_axes, diagonal_axes, uses_batch_axis in cases:
+            kernel_fn = ntfast.empirical_kernel_fn(apply_fn, trace_axes, diagonal_axes, vmap_axes)
+            out.append(kernel_fn(x1, None if uses_batch_axis else x2, None, params))
+        return out
+
+    for (trace_axes, diagonal_axes, uses_batch_axis), got in zip(
+        cases, all_cases(x1, x2, params), strict=True
+    ):
+        *_, nngp, ntk, ndim = _net_case(name, uses_batch_axis)
+        assert type(got).__name__ == "EmpiricalKernel" and got._fields == ("nngp", "ntk")
+        for kind, actual, full in (("nngp", got.nngp, nngp), ("ntk", got.ntk, ntk)):
+            want = _layout(full, ndim, trace_axes, diagonal_axes)
+            try:
+                _assert_close(actual, want)
+            except AssertionError as e:
+                raise AssertionError(f"{kind} trace={trace_axes} diag={diagonal_axes}: {e}") from e
+
+
+def _jit_kernel_fn(kernel_fn):
+    """Jits an ``EmpiricalGetKernelFn`` (``get`` static); eager use is tested once, separately."""
+    return jax.jit(kernel_fn, static_argnames="get")
 
 
 def test_single_kernel_fns_match_joint():
     apply_fn, params, x1, x2, *_ = _net_case("cnn", False)
     args = ((-1,), (1,))
-    both = jax.jit(ntfast.empirical_kernel_fn(apply_fn, *args), static_argnums=2)(
-        x1, x2, None, params
-    )
+    both = _jit_kernel_fn(ntfast.empirical_kernel_fn(apply_fn, *args))(x1, x2, None, params)
     ntk = jax.jit(ntfast.empirical_ntk_fn(apply_fn, *args, vmap_axes=0))(x1, x2, params)
     nngp = jax.jit(ntfast.empirical_nngp_fn(apply_fn, *args))(x1, x2, params)
     _assert_close(ntk, both.ntk)
     _assert_close(nngp, both.nngp)
 
 
-def test_default_shapes_follow_nt_conventions():
-    init_fn, apply_fn, _ = _mlp()
-    x1, x2 = _mlp_inputs()
-    params = _params(init_fn, x1)
-    assert ntfast.empirical_ntk_fn(apply_fn)(x1, x2, params).shape == (4, 3)
-    assert ntfast.empirical_ntk_fn(apply_fn, trace_axes=())(x1, x2, params).shape == (4, 3, 3, 3)
-    assert ntfast.empirical_nngp_fn(apply_fn, diagonal_axes=(0,))(x1, None, params).shape == (4,)
-    # x2=None is x1: the same kernel as passing x1 twice, and symmetric.
-    k_none = ntfast.empirical_ntk_fn(apply_fn)(x1, None, params)
-    _assert_close(k_none, ntfast.empirical_ntk_fn(apply_fn)(x1, x1, params))
+def test_eager_call_matches_jit_and_default_shapes():
+    """Outside ``jit`` (no warning); NT's documented shapes; ``x2=None`` is ``x1``."""
+    apply_fn, params, x1, x2, *_ = _net_case("mlp", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eager = ntfast.empirical_kernel_fn(apply_fn)(x1, x2, None, params)
+
+    @jax.jit
+    def jitted(x1, x2, params):
+        return (
+            ntfast.empirical_kernel_fn(apply_fn)(x1, x2, None, params),
+            ntfast.empirical_ntk_fn(apply_fn)(x1, None, params),
+            ntfast.empirical_ntk_fn(apply_fn)(x1, x1, params),
+            ntfast.empirical_ntk_fn(apply_fn, trace_axes=())(x1, x2, params),
+            ntfast.empirical_nngp_fn(apply_fn, diagonal_axes=(0,))(x1, None, params),
+        )
+
+    both, k_none, k_same, full, var = jitted(x1, x2, params)
+    _assert_close(eager.nngp, both.nngp)
+    _assert_close(eager.ntk, both.ntk)
+    assert both.ntk.shape == (4, 3) and full.shape == (4, 3, 3, 3) and var.shape == (4,)
+    _assert_close(k_none, k_same)
     _assert_close(k_none, k_none.T)
 
 
+def test_no_output_by_default(capfd):
+    apply_fn, params, x1, x2, *_ = _net_case("mlp", False)
+    jax.block_until_ready(ntfast.empirical_kernel_fn(apply_fn)(x1, x2, None, params))
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
 def test_get_variants():
-    init_fn, apply_fn, _ = _mlp()
-    x1, x2 = _mlp_inputs()
-    params = _params(init_fn, x1)
-    kernel_fn = ntfast.empirical_kernel_fn(apply_fn)
+    apply_fn, params, x1, x2, *_ = _net_case("mlp", False)
+    kernel_fn = _jit_kernel_fn(ntfast.empirical_kernel_fn(apply_fn))
     both = kernel_fn(x1, x2, None, params)
 
     ntk = kernel_fn(x1, x2, "ntk", params)
@@ -232,51 +277,45 @@ def test_get_variants():
     _assert_close(pair.ntk, both.ntk)
     _assert_close(pair.nngp, both.nngp)
 
-    # `get` may be passed by keyword too.
+    # `get` and `params` by keyword.
     _assert_close(kernel_fn(x1, x2, get="ntk", params=params), both.ntk)
 
+    eager_fn = ntfast.empirical_kernel_fn(apply_fn)
     with pytest.raises(ValueError, match="get"):
-        kernel_fn(x1, x2, "cov1", params)
+        eager_fn(x1, x2, "cov1", params)
     with pytest.raises(ValueError, match="non-empty"):
-        kernel_fn(x1, x2, (), params)
+        eager_fn(x1, x2, (), params)
     with pytest.raises(ValueError, match="unique"):
-        kernel_fn(x1, x2, ("ntk", "ntk"), params)
+        eager_fn(x1, x2, ("ntk", "ntk"), params)
 
 
-@pytest.mark.parametrize("implementation", [0, 1, 2, 3, *empirical.NtkImplementation])
-def test_every_implementation_value_gives_the_same_kernel(implementation):
-    init_fn, apply_fn, _ = _mlp()
-    x1, x2 = _mlp_inputs()
-    params = _params(init_fn, x1)
-    want = _direct(apply_fn, params, x1, x2, (-1,), ())[1]
-    got = ntfast.empirical_ntk_fn(apply_fn, implementation=implementation)(x1, x2, params)
-    _assert_close(got, want)
+def test_every_implementation_value_gives_the_same_kernel():
+    apply_fn, params, x1, x2, _, ntk, ndim = _net_case("mlp", False)
+    want = _layout(ntk, ndim, (-1,), ())
+    values = [0, 1, 2, 3, *empirical.NtkImplementation]
+
+    @jax.jit
+    def every(x1, x2, params):
+        return [
+            empirical.empirical_ntk_fn(apply_fn, implementation=v)(x1, x2, params) for v in values
+        ]
+
+    for got in every(x1, x2, params):
+        _assert_close(got, want)
+    assert empirical.DEFAULT_NTK_IMPLEMENTATION == empirical.NtkImplementation.JACOBIAN_CONTRACTION
 
 
 def test_bad_arguments_raise_clear_errors():
-    init_fn, apply_fn, _ = _mlp()
-    x1, x2 = _mlp_inputs()
-    params = _params(init_fn, x1)
+    apply_fn, params, x1, x2, *_ = _net_case("mlp", False)
     with pytest.raises(ValueError, match="implementation"):
         ntfast.empirical_ntk_fn(apply_fn, implementation=7)
     with pytest.raises(ValueError, match="trace_axes"):
-        ntfast.empirical_ntk_fn(apply_fn, trace_axes=(5,))(x1, x2, params)
+        jax.eval_shape(ntfast.empirical_ntk_fn(apply_fn, trace_axes=(5,)), x1, x2, params)
     # Traced / diagonal axes must have equal sizes for x1 and x2 (here the batch axis: 4 vs 3).
     with pytest.raises(ValueError, match="diagonal_axes"):
-        ntfast.empirical_nngp_fn(apply_fn, diagonal_axes=(0,))(x1, x2, params)
+        jax.eval_shape(ntfast.empirical_nngp_fn(apply_fn, diagonal_axes=(0,)), x1, x2, params)
     with pytest.raises(ValueError, match="trace_axes"):
-        ntfast.empirical_ntk_fn(apply_fn, trace_axes=(0,))(x1, x2, params)
-
-
-def test_jit_of_kernel_fn():
-    init_fn, apply_fn, _ = _cnn()
-    x1, x2 = _cnn_inputs()
-    params = _params(init_fn, x1)
-    kernel_fn = ntfast.empirical_kernel_fn(apply_fn, trace_axes=(-1,), diagonal_axes=(1,))
-    eager = kernel_fn(x1, x2, ("nngp", "ntk"), params)
-    jitted = jax.jit(kernel_fn, static_argnames="get")(x1, x2, get=("nngp", "ntk"), params=params)
-    _assert_close(jitted.nngp, eager.nngp)
-    _assert_close(jitted.ntk, eager.ntk)
+        jax.eval_shape(ntfast.empirical_ntk_fn(apply_fn, trace_axes=(0,)), x1, x2, params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,19 +331,20 @@ def test_pytree_outputs_give_a_kernel_per_output():
     )
     x1, x2 = _mlp_inputs()
     params = _params(init_fn, x1)
+    want = [_direct(apply_fn, params, x1, x2, (), (), leaf=leaf) for leaf in range(2)]
     for vmap_axes in (None, 0):
-        got = ntfast.empirical_kernel_fn(apply_fn, trace_axes=(), vmap_axes=vmap_axes)(
-            x1, x2, None, params
+        kernel_fn = _jit_kernel_fn(
+            ntfast.empirical_kernel_fn(apply_fn, trace_axes=(), vmap_axes=vmap_axes)
         )
+        got = kernel_fn(x1, x2, None, params)
         assert isinstance(got, list) and len(got) == 2
         for leaf in range(2):
-            want_nngp, want_ntk = _direct(apply_fn, params, x1, x2, (), (), leaf=leaf)
             assert type(got[leaf]).__name__ == "EmpiricalKernel"
-            _assert_close(got[leaf].nngp, want_nngp)
-            _assert_close(got[leaf].ntk, want_ntk)
-        ntk_only = ntfast.empirical_kernel_fn(apply_fn, trace_axes=())(x1, x2, "ntk", params)
-        assert isinstance(ntk_only, list)
-        _assert_close(ntk_only[1], got[1].ntk)
+            _assert_close(got[leaf].nngp, want[leaf][0])
+            _assert_close(got[leaf].ntk, want[leaf][1])
+    ntk_only = kernel_fn(x1, x2, "ntk", params)
+    assert isinstance(ntk_only, list) and len(ntk_only) == 2
+    _assert_close(ntk_only[1], want[1][1])
 
 
 def test_pytree_inputs():
@@ -314,19 +354,19 @@ def test_pytree_inputs():
         nt_stax.Relu(),
         nt_stax.Dense(2),
     )
-    k = jax.random.split(_key(5), 4)
-    x1 = [jax.random.normal(k[0], (3, 2)), jax.random.normal(k[1], (3, 6))]
-    x2 = [jax.random.normal(k[2], (2, 2)), jax.random.normal(k[3], (2, 6))]
+    x1 = [_normal(50, (3, 2)), _normal(51, (3, 6))]
+    x2 = [_normal(52, (2, 2)), _normal(53, (2, 6))]
     params = _params(init_fn, x1)
     want_nngp, want_ntk = _direct(apply_fn, params, x1, x2, (-1,), ())
     for vmap_axes in (None, 0):
-        got = ntfast.empirical_kernel_fn(apply_fn, vmap_axes=vmap_axes)(x1, x2, None, params)
+        kernel_fn = _jit_kernel_fn(ntfast.empirical_kernel_fn(apply_fn, vmap_axes=vmap_axes))
+        got = kernel_fn(x1, x2, None, params)
         _assert_close(got.nngp, want_nngp)
         _assert_close(got.ntk, want_ntk)
 
 
 def _shifted_fn(params, x, scale=1.0, shift=None):
-    """A 2-layer net with a static ``scale`` and an optional per-example ``shift`` (N, 6)."""
+    """A 2-layer net with a ``scale`` and an optional ``shift`` added to the hidden layer."""
     w1, b1, w2 = params
     h = x @ w1 + b1
     if shift is not None:
@@ -335,35 +375,48 @@ def _shifted_fn(params, x, scale=1.0, shift=None):
 
 
 def _shifted_params():
-    k = jax.random.split(_key(6), 3)
-    return (
-        jax.random.normal(k[0], (5, 6)),
-        jax.random.normal(k[1], (6,)),
-        jax.random.normal(k[2], (6, 2)),
-    )
+    return (_normal(60, (5, 6)), _normal(61, (6,)), _normal(62, (6, 2)))
 
 
-def test_apply_fn_kwargs_static_and_split():
+def test_apply_fn_kwargs_split_pairs_and_batched_kwargs():
+    """A 2-tuple kwarg is ``(value for x1, value for x2)``; ``vmap_axes`` can batch it."""
     x1, x2 = _mlp_inputs()
     params = _shifted_params()
-    s1 = jax.random.normal(_key(7), (4, 6))
-    s2 = jax.random.normal(_key(8), (3, 6))
-    kw1, kw2 = {"scale": 0.7, "shift": s1}, {"scale": 0.7, "shift": s2}
-    want_nngp, want_ntk = _direct(_shifted_fn, params, x1, x2, (-1,), (), kw1, kw2)
-    # A 2-tuple kwarg is (value for x1, value for x2); vmap_axes may batch it along its axis 0.
-    for vmap_axes in (None, 0, (0, 0, {"shift": 0})):
+    s1 = _normal(7, (4, 6))  # per example of x1
+    s2 = _normal(8, (3, 6))
+    want_nngp, want_ntk = _direct(
+        _shifted_fn,
+        params,
+        x1,
+        x2,
+        (-1,),
+        (),
+        {"scale": 0.7, "shift": s1},
+        {"scale": 0.7, "shift": s2},
+    )
+    for vmap_axes in (None, (0, 0, {"shift": 0})):
         kernel_fn = ntfast.empirical_kernel_fn(_shifted_fn, vmap_axes=vmap_axes)
-        if vmap_axes == 0:
-            # Without kwargs axes, `shift` is not sliced: only valid for a shared kwarg.
-            s = jax.random.normal(_key(9), (6,))
-            got = kernel_fn(x1, x2, None, params, scale=0.7, shift=s)
-            want = _direct(_shifted_fn, params, x1, x2, (-1,), (), {"scale": 0.7, "shift": s})
-            _assert_close(got.nngp, want[0])
-            _assert_close(got.ntk, want[1])
-            continue
-        got = kernel_fn(x1, x2, None, params, scale=0.7, shift=(s1, s2))
+        got = jax.jit(
+            lambda x1, x2, p, s1, s2, k=kernel_fn: k(x1, x2, None, p, scale=0.7, shift=(s1, s2))
+        )(x1, x2, params, s1, s2)
         _assert_close(got.nngp, want_nngp)
         _assert_close(got.ntk, want_ntk)
+
+
+def test_apply_fn_kwargs_shared_with_vmap():
+    """A kwarg not named in ``vmap_axes`` is passed whole to every slice (shared, static)."""
+    x1, x2 = _mlp_inputs()
+    params = _shifted_params()
+    s = _normal(9, (6,))
+    want_nngp, want_ntk = _direct(
+        _shifted_fn, params, x1, x2, (-1,), (), {"scale": 0.7, "shift": s}
+    )
+    kernel_fn = ntfast.empirical_kernel_fn(_shifted_fn, vmap_axes=0)
+    got = jax.jit(lambda x1, x2, p, s: kernel_fn(x1, x2, None, p, scale=0.7, shift=s))(
+        x1, x2, params, s
+    )
+    _assert_close(got.nngp, want_nngp)
+    _assert_close(got.ntk, want_ntk)
 
 
 def test_vmap_axes_on_other_axes():
@@ -377,13 +430,12 @@ def test_vmap_axes_on_other_axes():
     params = _shifted_params()
     want = _direct(f, params, x1, x2, (0,), ())
     for vmap_axes in (None, 1, (1, 1, {})):
-        got = ntfast.empirical_kernel_fn(f, trace_axes=(0,), vmap_axes=vmap_axes)(
-            x1, x2, None, params
-        )
+        kernel_fn = ntfast.empirical_kernel_fn(f, trace_axes=(0,), vmap_axes=vmap_axes)
+        got = _jit_kernel_fn(kernel_fn)(x1, x2, None, params)
         _assert_close(got.nngp, want[0])
         _assert_close(got.ntk, want[1])
     with pytest.raises(ValueError, match="vmap_axes"):
-        ntfast.empirical_ntk_fn(f, vmap_axes=(1, 1, {"missing": 0}))(x1, x2, params)
+        jax.eval_shape(ntfast.empirical_ntk_fn(f, vmap_axes=(1, 1, {"missing": 0})), x1, x2, params)
 
 
 def test_rng_kwarg_is_split_like_nt():
@@ -395,19 +447,20 @@ def test_rng_kwarg_is_split_like_nt():
     params = _params(init_fn, x1)
     rng = _key(10)
     kernel_fn = ntfast.empirical_kernel_fn(apply_fn)
+    run = jax.jit(lambda x1, x2, p, rng: kernel_fn(x1, x2, None, p, rng=rng))
 
-    got = kernel_fn(x1, x2, None, params, rng=rng)
+    got = run(x1, x2, params, rng)
     kw1, kw2 = {"rng": rng}, {"rng": jax.random.fold_in(rng, 1)}
     want_nngp, want_ntk = _direct(apply_fn, params, x1, x2, (-1,), (), kw1, kw2)
     _assert_close(got.nngp, want_nngp)
     _assert_close(got.ntk, want_ntk)
 
-    same = kernel_fn(x1, None, None, params, rng=rng)
+    same = run(x1, None, params, rng)
     want_nngp, want_ntk = _direct(apply_fn, params, x1, None, (-1,), (), kw1)
     _assert_close(same.nngp, want_nngp)
     _assert_close(same.ntk, want_ntk)
     # x2 equal to x1 (a copy) gets the same key as x2=None.
-    _assert_close(kernel_fn(x1, x1 + 0.0, "ntk", params, rng=rng), same.ntk)
+    _assert_close(run(x1, x1 + 0.0, params, rng).ntk, same.ntk)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -415,20 +468,30 @@ def test_rng_kwarg_is_split_like_nt():
 
 
 def test_linearize():
-    init_fn, apply_fn, _ = _mlp()
-    x1, _ = _mlp_inputs()
-    params = _params(init_fn, x1)
+    apply_fn, params, x1, *_ = _net_case("mlp", False)
     delta = jax.tree_util.tree_map(lambda p: 1e-2 * jnp.ones_like(p), params)
     moved = jax.tree_util.tree_map(jnp.add, params, delta)
-    f_lin = empirical.linearize(apply_fn, params)
-    _assert_close(f_lin(params, x1), apply_fn(params, x1))
-
     flat, unravel = ravel_pytree(params)
-    jac = jax.jacobian(lambda p: apply_fn(unravel(p), x1))(flat)
-    want = apply_fn(params, x1) + jac @ ravel_pytree(delta)[0]
-    _assert_close(f_lin(moved, x1), want)
-    _assert_close(empirical.taylor_expand(apply_fn, params, 1)(moved, x1), want)
-    _assert_close(empirical.taylor_expand(apply_fn, params, 0)(moved, x1), apply_fn(params, x1))
+
+    @jax.jit
+    def check(params, moved, x1):
+        f_lin = empirical.linearize(apply_fn, params)
+        jac = jax.jacobian(lambda p: apply_fn(unravel(p), x1))(flat)
+        want = apply_fn(params, x1) + jac @ ravel_pytree(delta)[0]
+        return (
+            f_lin(params, x1),
+            apply_fn(params, x1),
+            f_lin(moved, x1),
+            want,
+            empirical.taylor_expand(apply_fn, params, 1)(moved, x1),
+            empirical.taylor_expand(apply_fn, params, 0)(moved, x1),
+        )
+
+    at_params, f0, lin, want, tay1, tay0 = check(params, moved, x1)
+    _assert_close(at_params, f0)
+    _assert_close(lin, want)
+    _assert_close(tay1, want)
+    _assert_close(tay0, f0)
 
 
 def test_taylor_expand_is_exact_for_polynomials():
@@ -438,36 +501,21 @@ def test_taylor_expand_is_exact_for_polynomials():
     params = {"w": jnp.array([0.3, -0.2]), "c": jnp.array(0.5)}
     moved = {"w": jnp.array([0.9, 0.4]), "c": jnp.array(-1.0)}
     x = jnp.array([[1.0, 2.0], [-0.5, 1.5]])
-    _assert_close(empirical.taylor_expand(cubic, params, 3)(moved, x), cubic(moved, x))
-    # Degree 2 misses exactly the cubic term ((x·δw)^3, δ = moved - params).
+    _assert_close(jax.jit(empirical.taylor_expand(cubic, params, 3))(moved, x), cubic(moved, x))
+    # Degree 2 misses exactly the cubic term (x·δw)^3, δw = moved - params.
     dw = moved["w"] - params["w"]
     want2 = cubic(moved, x) - (x @ dw) ** 3
-    _assert_close(empirical.taylor_expand(cubic, params, 2)(moved, x), want2)
+    _assert_close(jax.jit(empirical.taylor_expand(cubic, params, 2))(moved, x), want2)
     with pytest.raises(ValueError, match="degree"):
         empirical.taylor_expand(cubic, params, -1)
 
 
 def test_ntk_vector_product():
-    init_fn, apply_fn, _ = _mlp()
-    x1, x2 = _mlp_inputs()
-    params = _params(init_fn, x1)
-    full = ntfast.empirical_ntk_fn(apply_fn, trace_axes=())(x1, x2, params)  # (N1, N2, k, k)
-    v = jax.random.normal(_key(11), (3, 3))  # shape of f(x2)
-    want = jnp.einsum("abij,bj->ai", full, v)
-    got = jax.jit(empirical.empirical_ntk_vp_fn(apply_fn, x1, x2, params))(v)
-    _assert_close(got, want)
-    sym = empirical.empirical_ntk_vp_fn(apply_fn, x1, None, params)
-    full11 = ntfast.empirical_ntk_fn(apply_fn, trace_axes=())(x1, None, params)
-    u = jax.random.normal(_key(12), (4, 3))
-    _assert_close(sym(u), jnp.einsum("abij,bj->ai", full11, u))
-
-
-def test_no_output_by_default(capsys):
-    init_fn, apply_fn, _ = _mlp()
-    x1, x2 = _mlp_inputs()
-    params = _params(init_fn, x1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        ntfast.empirical_kernel_fn(apply_fn)(x1, x2, get=None, params=params)
-    captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == ""
+    apply_fn, params, x1, x2, *_ = _net_case("mlp", False)
+    ntk_fn = jax.jit(ntfast.empirical_ntk_fn(apply_fn, trace_axes=()))
+    v = _normal(11, (3, 3))  # shape of f(x2)
+    want = jnp.einsum("abij,bj->ai", ntk_fn(x1, x2, params), v)  # full NTK (N1, N2, k, k)
+    _assert_close(jax.jit(empirical.empirical_ntk_vp_fn(apply_fn, x1, x2, params))(v), want)
+    u = _normal(12, (4, 3))
+    want = jnp.einsum("abij,bj->ai", ntk_fn(x1, None, params), u)
+    _assert_close(jax.jit(empirical.empirical_ntk_vp_fn(apply_fn, x1, None, params))(u), want)

@@ -195,11 +195,9 @@ def input_cov(
     if channel_axis is None:
 
         def flatten(x):
-            return (
-                None
-                if x is None
-                else jnp.moveaxis(x, batch_axis, 0).reshape(x.shape[batch_axis], -1)
-            )
+            if x is None:
+                return None
+            return jnp.moveaxis(x, batch_axis, 0).reshape(x.shape[batch_axis], -1)
 
         x1, x2 = flatten(x1), flatten(x2)
         batch_axis, channel_axis, diagonal_spatial = 0, 1, False

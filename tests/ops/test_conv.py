@@ -337,12 +337,17 @@ def test_matches_nt_private_kernels(padding, filter_shape, strides):
 
     nt_pad = nt_linear.Padding(padding)
     x = jnp.asarray(_rand((2, 3, 6, 6, 5, 5), np.float64))
-    ref = nt_linear._conv_kernel_full_spatial_shared(x, filter_shape, strides, nt_pad, 2)
+    # NT's kernels run op by op when eager (one compilation per op): jit them whole.
+    ref = jax.jit(
+        lambda v: nt_linear._conv_kernel_full_spatial_shared(v, filter_shape, strides, nt_pad, 2)
+    )(x)
     out = conv_cov(x, filter_shape=filter_shape, strides=strides, padding=padding)
     _close(out, ref, np.float64)
 
     xd = jnp.asarray(_rand((2, 6, 5), np.float64))
-    ref = nt_linear._conv_kernel_diagonal_spatial(xd, filter_shape, strides, nt_pad, 1)
+    ref = jax.jit(
+        lambda v: nt_linear._conv_kernel_diagonal_spatial(v, filter_shape, strides, nt_pad, 1)
+    )(xd)
     out = conv_cov(
         xd, filter_shape=filter_shape, strides=strides, padding=padding, diagonal_spatial=True
     )
@@ -350,9 +355,11 @@ def test_matches_nt_private_kernels(padding, filter_shape, strides):
 
     double = lambda t: tuple(v for v in t for _ in (0, 1))
     for ne in (False, True):
-        ref = nt_linear._pool_kernel(
-            x, nt_linear._Pooling.AVG, double(filter_shape), double(strides), nt_pad, ne, 2
-        )
+        ref = jax.jit(
+            lambda v, ne=ne: nt_linear._pool_kernel(
+                v, nt_linear._Pooling.AVG, double(filter_shape), double(strides), nt_pad, ne, 2
+            )
+        )(x)
         out = pool_cov(
             x, window_shape=filter_shape, strides=strides, padding=padding, normalize_edges=ne
         )
