@@ -22,8 +22,9 @@ What it computes, for a random split of ``n_train`` / ``n_test`` images:
    The class is the arg-max. A linear ridge regression on the pixels (kernel ``X Xᵀ``) is the
    baseline.
 
-Defaults (200 train, 100 test, Myrtle-5) take well under a minute on a 2-core CPU; accuracy is
-around 97-99% for both kernels against about 88% for the linear baseline.
+Defaults (200 train, 100 test, Myrtle-5): about 25 s of CPU time (kernels + a ~10 s compile),
+under a minute of wall time on a 2-core CPU; seed 0 gives 100% test accuracy for NNGP and NTK
+against 90% for the linear baseline (chance: 10%).
 """
 
 from __future__ import annotations

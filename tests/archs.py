@@ -788,10 +788,12 @@ def _fam_fanin(g: _Gen):
             branch = g.nonlin(b, branch=True) + [("Conv", kw)]
         elif join == "FanInProd":
             branch = (
-                g.nonlin(b, branch=True) if g.coin(0.6) else [g.dense(b, out=b.shape[b.channel])]
+                g.nonlin(b, branch=True)
+                if g.coin(0.6)
+                else [g.dense(b, out=b.shape[b.channel], s=(1, 1))]
             )
             if not image and g.coin(0.4):
-                branch = [g.dense(b, out=b.shape[b.channel])] + g.nonlin(b, branch=True)
+                branch = [g.dense(b, out=b.shape[b.channel], s=(1, 1))] + g.nonlin(b, branch=True)
         else:
             branch = g.nonlin(b, branch=True) + ([g.dense(b)] if g.coin() else [])
         branches.append(_serial(branch))
@@ -830,9 +832,9 @@ def _fam_tree(g: _Gen):
     sb.shape = sb.input_shape = (n1,) + sb.shape[1:]
     x_shapes = (sa.shape, sb.shape)
     out = int(g.rng.randint(1, 4))
-    a = [g.dense(sa)] + g.nonlin(sa, branch=True) + [g.dense(sa, out=out)]
+    a = [g.dense(sa)] + g.nonlin(sa, branch=True) + [g.dense(sa, out=out, s=(1, 1))]
     b = [g.conv(sb, padding="SAME")] + g.nonlin(sb, branch=True)
-    b += [g.readout(sb)[0], g.dense(sb, out=out)]
+    b += [g.readout(sb)[0], g.dense(sb, out=out, s=(1, 1))]
     layers = [("parallel", {"layers": (_serial(a), _serial(b))})]
     joined = g.cycle("tree", [None, "FanInSum", "FanInConcat"])
     if joined == "FanInSum":
@@ -962,9 +964,9 @@ def _fam_repeat(g: _Gen):
     else:
         n1 = int(g.rng.randint(2, 4))
         st = _State((n1, 3), -1)
-        layers = [g.dense(st, out=2)]
+        layers = [g.dense(st, out=2, s=(1, 1))]
         b = st.copy()
-        block = g.nonlin(b) + [g.dense(b, out=2)]
+        block = g.nonlin(b) + [g.dense(b, out=2, s=(1, 1))]
     layers.append(("repeat", {"layer": _serial(block), "n": int(g.rng.randint(1, 4))}))
     st.gaussian = True
     layers += g.nonlin(st)
