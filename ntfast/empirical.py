@@ -109,13 +109,24 @@ def taylor_expand(f: ApplyFn, params: PyTree, degree: int) -> ApplyFn:
 # Contractions.
 
 
-def _canonical_axes(axes: Axes, ndim: int, name: str) -> list[int]:
-    try:
-        return utils.canonicalize_axis(axes, ndim)
-    except (IndexError, ValueError, TypeError) as e:
+def _trace_and_diagonal(trace_axes: Axes, diagonal_axes: Axes, ndim: int):
+    """Both axis sets as sorted non-negative lists for outputs of ``ndim`` dimensions."""
+    out = []
+    for axes, name in ((trace_axes, "trace_axes"), (diagonal_axes, "diagonal_axes")):
+        try:
+            out.append(utils.canonicalize_axis(axes, ndim))
+        except (IndexError, ValueError, TypeError) as e:
+            raise ValueError(
+                f"`{name}` must be integer axes of the outputs (ndim {ndim}), got {axes!r}."
+            ) from e
+    trace, diagonal = out
+    both = set(trace) & set(diagonal)
+    if both:
         raise ValueError(
-            f"`{name}` must be integer axes of the outputs (ndim {ndim}), got {axes!r}."
-        ) from e
+            f"Output axes {sorted(both)} are in both `trace_axes` {trace_axes!r} and "
+            f"`diagonal_axes` {diagonal_axes!r}; an axis is either traced or diagonal."
+        )
+    return trace, diagonal
 
 
 def _contract(
@@ -191,8 +202,7 @@ def empirical_nngp_fn(
         out2 = out1 if utils.all_none(x2) else f(params, x2, **kwargs2)
 
         def nngp_leaf(o1, o2):
-            trace = _canonical_axes(trace_axes, o1.ndim, "trace_axes")
-            diagonal = _canonical_axes(diagonal_axes, o1.ndim, "diagonal_axes")
+            trace, diagonal = _trace_and_diagonal(trace_axes, diagonal_axes, o1.ndim)
             return _contract(o1, o2, o1.ndim, trace, diagonal) / utils.size_at(o1, trace)
 
         return tree_map(nngp_leaf, out1, out2)
@@ -360,8 +370,7 @@ def empirical_ntk_fn(
 
         def ntk_leaf(fx, j1_leaf, j2_leaf):
             # j*_leaf: tree (params structure) of Jacobians of this output leaf.
-            trace = _canonical_axes(trace_axes, fx.ndim, "trace_axes")
-            diagonal = _canonical_axes(diagonal_axes, fx.ndim, "diagonal_axes")
+            trace, diagonal = _trace_and_diagonal(trace_axes, diagonal_axes, fx.ndim)
             size = utils.size_at(fx, trace)
             terms = tree_map(
                 lambda a, b: _contract(a, b, fx.ndim, trace, diagonal) / size, j1_leaf, j2_leaf

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import random
+from jax import lax, random
 from jax.sharding import Mesh, PartitionSpec
 from jax.tree_util import tree_leaves, tree_map
 
@@ -189,7 +189,8 @@ class _SampleOnce:
         self.device_count = device_count
         self.store_on_device = store_on_device
         self._cache: dict[tuple, Callable] = {}
-        self._keep_alive: list[Any] = []
+        self._keep_alive: list[Any] = []  # static kwargs keyed by id() in `_cache` stay alive
+        self._checked: set[tuple] = set()
 
     def _sample(self, x1, x2, key, get, kwargs):
         init_key, dropout_key = random.split(key)
@@ -197,27 +198,45 @@ class _SampleOnce:
         _, params = self.init_fn(init_key, shapes)
         return self.kernel_fn(x1, x2, get, params, rng=dropout_key, **kwargs)
 
-    def _compiled(self, get, static: dict[str, Any], n_devices: int) -> Callable:
-        cache_key = (get, _static_cache_key(static), n_devices)
+    def _compiled(self, get, static: dict[str, Any], n_devices: int, blocks=None) -> Callable:
+        """Jitted ``(x1, x2, key, pairs1, pairs2, shared, i, j) -> kernel``.
+
+        ``blocks=(b1, b2)``: the kernel of rows ``i : i + b1`` of ``x1`` (and of the ``pairs1``
+        halves) against rows ``j : j + b2`` of ``x2``, sliced inside the program so that every
+        block reuses one compilation. ``n_devices > 1``: the ``x1`` rows are sharded.
+        """
+        cache_key = (get, _static_cache_key(static), n_devices, blocks)
         fn = self._cache.get(cache_key)
         if fn is not None:
             return fn
         self._keep_alive.append(static)
 
-        def run(x1, x2, key, pairs1, pairs2, shared):
+        def sample(x1, x2, key, pairs1, pairs2, shared):
             kwargs = {**static, **shared, **{k: (pairs1[k], pairs2[k]) for k in pairs1}}
             return self._sample(x1, x2, key, get, kwargs)
 
         if n_devices > 1:
             mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), (_SHARD_AXIS,))
             rows, whole = PartitionSpec(_SHARD_AXIS), PartitionSpec()
-            run = jax.shard_map(
-                run,
+            sample = jax.shard_map(
+                sample,
                 mesh=mesh,
                 in_specs=(rows, whole, whole, rows, whole, whole),
                 out_specs=rows,
                 check_vma=False,
             )
+
+        def run(x1, x2, key, pairs1, pairs2, shared, i, j):
+            if blocks is not None:
+                b1, b2 = blocks
+
+                def take(tree, start, size):
+                    return tree_map(lambda x: lax.dynamic_slice_in_dim(x, start, size), tree)
+
+                x1, pairs1 = take(x1, i, b1), take(pairs1, i, b1)
+                x2, pairs2 = take(x2, j, b2), take(pairs2, j, b2)
+            return sample(x1, x2, key, pairs1, pairs2, shared)
+
         fn = self._cache[cache_key] = jax.jit(run)
         return fn
 
@@ -239,11 +258,6 @@ class _SampleOnce:
                 )
 
     def __call__(self, x1, x2, key, get, **kwargs):
-        if "rng" in kwargs:
-            raise ValueError(
-                "Do not pass `rng` to a Monte Carlo kernel function: dropout keys are drawn "
-                "from its `key`."
-            )
         pairs1, pairs2, shared, static = {}, {}, {}, {}
         for k, v in kwargs.items():
             if isinstance(v, tuple) and len(v) == 2 and _is_array_tree(v):
@@ -255,7 +269,8 @@ class _SampleOnce:
 
         n_devices = _resolve_device_count(self.device_count)
         if not self.batch_size and n_devices == 1:
-            return self._compiled(get, static, 1)(x1, x2, key, pairs1, pairs2, shared)
+            fn = self._compiled(get, static, 1)
+            return fn(x1, x2, key, pairs1, pairs2, shared, 0, 0)
 
         if utils.all_none(x2):
             # As NT's batching: blocks need explicit x2 rows.
@@ -263,24 +278,22 @@ class _SampleOnce:
         n1, n2 = _leading_size(x1, "x1"), _leading_size(x2, "x2")
         n_devices = min(n_devices, n1)
         b1, b2 = _block_sizes(n1, n2, self.batch_size, n_devices)
-        self._check_batch_axis_free(x1, key, pairs1, shared, static)
-        fn = self._compiled(get, static, n_devices)
-
-        def rows(tree, start, size):
-            return tree_map(lambda x: x[start : start + size], tree)
+        signature = (
+            jax.tree_util.tree_structure(x1),
+            tuple(leaf.shape for leaf in tree_leaves(x1)),
+            _static_cache_key(static),
+        )
+        if signature not in self._checked:
+            # Once per input signature: tracing the network costs as much as a small sample.
+            self._check_batch_axis_free(x1, key, pairs1, shared, static)
+            self._checked.add(signature)
+        fn = self._compiled(get, static, n_devices, (b1, b2))
 
         block_rows = []
         for i in range(0, n1, b1):
             block_cols = []
             for j in range(0, n2, b2):
-                block = fn(
-                    rows(x1, i, b1),
-                    rows(x2, j, b2),
-                    key,
-                    rows(pairs1, i, b1),
-                    rows(pairs2, j, b2),
-                    shared,
-                )
+                block = fn(x1, x2, key, pairs1, pairs2, shared, i, j)
                 if not self.store_on_device:
                     block = jax.device_put(block, jax.devices("cpu")[0])
                 block_cols.append(block)
@@ -382,17 +395,22 @@ def monte_carlo_kernel_fn(
     def mean(total: PyTree, n: int) -> PyTree:
         return tree_map(lambda t: t / n, total)
 
-    def check_get(get) -> None:
-        # Early, so that a generator fails at the call and not at its first `next`.
+    def check_call(get, kwargs) -> None:
+        # Here, not in `running_sums`, so that a generator fails at the call, not at `next`.
         unknown = [g for g in (get or ()) if g not in ("nngp", "ntk")]
         if unknown:
             raise ValueError(f"`get` entries must be among ('nngp', 'ntk'), got {unknown}.")
+        if "rng" in kwargs:
+            raise ValueError(
+                "Do not pass `rng` to a Monte Carlo kernel function: dropout keys are drawn "
+                "from its `key`."
+            )
 
     if as_generator:
 
         @utils.get_namedtuple("MonteCarloKernel")
         def mc_kernel_fn(x1: PyTree, x2: PyTree | None, get: Any = None, **apply_fn_kwargs):
-            check_get(get)
+            check_call(get, apply_fn_kwargs)
             return (
                 mean(total, n)
                 for n, total in running_sums(x1, x2, get, apply_fn_kwargs)
@@ -403,7 +421,7 @@ def monte_carlo_kernel_fn(
 
         @utils.get_namedtuple("MonteCarloKernel")
         def mc_kernel_fn(x1: PyTree, x2: PyTree | None, get: Any = None, **apply_fn_kwargs):
-            check_get(get)
+            check_call(get, apply_fn_kwargs)
             for n, total in running_sums(x1, x2, get, apply_fn_kwargs):
                 pass
             return mean(total, n)

@@ -598,8 +598,11 @@ class _Gen:
             strides.append(s)
             new[ax] = (size - w) // s + 1 if padding == "VALID" else -(-size // s)
         kw = {"window_shape": tuple(window), "strides": tuple(strides), "padding": padding}
-        if kind == "AvgPool" and self.coin(0.6):
-            kw["normalize_edges"] = self.coin(0.7)
+        if kind == "AvgPool":
+            # Explicit True / explicit False / NT's default, in turn.
+            edges = self.cycle("normalize_edges", [True, False, None])
+            if edges is not None:
+                kw["normalize_edges"] = edges
         if st.ca != -1:
             kw["channel_axis"] = st.ca
         st.shape = tuple(new)
@@ -628,6 +631,8 @@ class _Gen:
                 ("ntk", "nngp", "cov1", "cov2"),
                 ("cov1", "nngp"),
                 "cov2",
+                ("nngp", "diagonal_spatial", "is_gaussian"),
+                ("ntk", "shape1", "diagonal_batch", "x1_is_x2"),
             ]
         )
 

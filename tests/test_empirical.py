@@ -311,6 +311,8 @@ def test_bad_arguments_raise_clear_errors():
         ntfast.empirical_ntk_fn(apply_fn, implementation=7)
     with pytest.raises(ValueError, match="trace_axes"):
         jax.eval_shape(ntfast.empirical_ntk_fn(apply_fn, trace_axes=(5,)), x1, x2, params)
+    with pytest.raises(ValueError, match="both"):
+        jax.eval_shape(ntfast.empirical_nngp_fn(apply_fn, (-1,), (1,)), x1, x2, params)
     # Traced / diagonal axes must have equal sizes for x1 and x2 (here the batch axis: 4 vs 3).
     with pytest.raises(ValueError, match="diagonal_axes"):
         jax.eval_shape(ntfast.empirical_nngp_fn(apply_fn, diagonal_axes=(0,)), x1, x2, params)

@@ -103,27 +103,79 @@ def n_windows(padded: int, f: int, s: int) -> int:
     return max((padded - f) // s + 1, 0)
 
 
-def tap_sum(x: jax.Array, axes: Sequence[int], f: int, s: int) -> jax.Array:
-    """``out[.., i, .., i', ..] = Σ_{a<f} x[.., s·i + a, .., s·i' + a, ..]`` over ``axes`` (VALID).
+def _tap_along(x: jax.Array, axis: int, a: int, s: int, out: int, lo: int, padding: str):
+    """``t[.., i, ..] = xp[.., s·i + a, ..]`` for ``i < out``, ``xp`` = ``x`` padded by ``lo`` below.
 
-    The same tap offset ``a`` is applied to every axis in ``axes``: one axis gives a 1-D box sum,
-    a zipped pair gives the diagonal (shared-weight) sum. ``f`` shifted strided slices, ``f - 1``
-    adds per output entry.
+    Built from slices of ``x`` (plus zeros for SAME, wrapped pieces for CIRCULAR) instead of a
+    padded copy, so XLA fuses every tap and the sum over taps into one pass over ``x``. Returns
+    None when the tap only reads zero padding.
+    """
+    n = x.shape[axis]
+
+    def piece(i0, i1, shift):  # rows i0..i1 (inclusive) read x[s·i + a - lo + shift]
+        j0 = s * i0 + a - lo + shift
+        return lax.slice_in_dim(x, j0, j0 + s * (i1 - i0) + 1, stride=s, axis=axis)
+
+    def first_i(j):  # smallest i with s·i + a - lo >= j
+        return max(-(-(j - a + lo) // s), 0)
+
+    i_in0, i_in1 = first_i(0), min(first_i(n), out) - 1
+    if padding != "CIRCULAR":
+        if i_in1 < i_in0:
+            return None
+        t = piece(i_in0, i_in1, 0)
+        if i_in0 == 0 and i_in1 == out - 1:
+            return t
+        config = [(0, 0, 0)] * x.ndim
+        config[axis] = (i_in0, out - 1 - i_in1, 0)
+        return lax.pad(t, jnp.zeros((), x.dtype), config)
+    # CIRCULAR: rows below 0 read x[j + n], rows past n - 1 read x[j - n].
+    pieces = []
+    for i0, i1, shift in (
+        (0, min(i_in0, out) - 1, n),
+        (i_in0, i_in1, 0),
+        (max(i_in1 + 1, i_in0), out - 1, -n),
+    ):
+        if i1 >= i0:
+            pieces.append(piece(i0, i1, shift))
+    return pieces[0] if len(pieces) == 1 else lax.concatenate(pieces, axis)
+
+
+def tap_sum(
+    x: jax.Array,
+    axes: Sequence[int],
+    f: int,
+    s: int,
+    padding: str = "VALID",
+) -> jax.Array:
+    """``out[.., i, .., i', ..] = Σ_{a<f} xp[.., s·i + a, .., s·i' + a, ..]`` over ``axes``.
+
+    ``xp`` is ``x`` with each axis in ``axes`` padded by its SAME amounts (zeros for SAME, wrap
+    for CIRCULAR, none for VALID), without materializing it. The same tap offset ``a`` applies
+    to every axis in ``axes``: one axis gives a 1-D box sum, a zipped pair gives the diagonal
+    (shared-weight) sum. ``f`` shifted strided slices, ``f - 1`` adds per output entry.
     """
     shape = list(x.shape)
-    outs = [n_windows(shape[ax], f, s) for ax in axes]
-    if min(outs) == 0:
-        for ax, o in zip(axes, outs):
-            shape[ax] = o
-        return jnp.zeros(shape, x.dtype)
+    pads = [axis_pads(shape[ax], f, s, padding) for ax in axes]
+    outs = [n_windows(shape[ax] + lo + hi, f, s) for ax, (lo, hi) in zip(axes, pads)]
+    if padding == "CIRCULAR" and any(max(p) > shape[ax] for ax, p in zip(axes, pads)):
+        # Pads longer than the axis wrap more than once (numpy's "wrap"): pad explicitly.
+        for ax, (lo, hi) in zip(axes, pads):
+            x = pad_axis(x, ax, lo, hi, padding)
+        return tap_sum(x, axes, f, s, "VALID")
+    for ax, o in zip(axes, outs):
+        shape[ax] = o
     acc = None
-    for a in range(f):
-        start, limit, stride = [0] * x.ndim, list(shape), [1] * x.ndim
-        for ax, o in zip(axes, outs):
-            start[ax], limit[ax], stride[ax] = a, a + s * (o - 1) + 1, s
-        tap = lax.slice(x, start, limit, stride)
-        acc = tap if acc is None else acc + tap
-    return acc
+    if min(outs) > 0:
+        for a in range(f):
+            tap = x
+            for ax, o, (lo, _) in zip(axes, outs, pads):
+                tap = _tap_along(tap, ax, a, s, o, lo, padding)
+                if tap is None:
+                    break
+            if tap is not None:
+                acc = tap if acc is None else acc + tap
+    return jnp.zeros(shape, x.dtype) if acc is None else acc
 
 
 def stored_pairs(n_spatial: int, is_reversed: bool) -> list[int]:
@@ -167,18 +219,12 @@ def conv_cov_reference(
     n = len(filter_shape)
     if diagonal_spatial:
         for p in range(n):
-            f, s, ax = int(filter_shape[p]), int(strides[p]), b + p
-            lo, hi = axis_pads(x.shape[ax], f, s, padding)
-            x = tap_sum(pad_axis(x, ax, lo, hi, padding), (ax,), f, s)
+            x = tap_sum(x, (b + p,), int(filter_shape[p]), int(strides[p]), padding)
         return x * (1.0 / float(np.prod(filter_shape)))
 
     for p, logical in enumerate(stored_pairs(n, is_reversed)):
-        f, s = int(filter_shape[logical]), int(strides[logical])
         ax = b + 2 * p
-        for a in (ax, ax + 1):
-            lo, hi = axis_pads(x.shape[a], f, s, padding)
-            x = pad_axis(x, a, lo, hi, padding)
-        x = tap_sum(x, (ax, ax + 1), f, s)
+        x = tap_sum(x, (ax, ax + 1), int(filter_shape[logical]), int(strides[logical]), padding)
     x = x * (1.0 / float(np.prod(filter_shape)))
     # NT's loop over pairs leaves them in reverse stored order; keep that layout (is_reversed flips).
     pairs_reversed = [b + 2 * p + k for p in range(n - 1, -1, -1) for k in (0, 1)]

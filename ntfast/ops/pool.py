@@ -39,7 +39,6 @@ from ntfast import backend as _backend
 from ntfast.ops.conv import (
     axis_pads,
     check_window_args,
-    pad_axis,
     padding_name,
     stored_pairs,
     tap_sum,
@@ -99,8 +98,7 @@ def pool_cov_reference(
     for logical, ax in axes:
         p, s = int(window_shape[logical]), int(strides[logical])
         size = x.shape[ax]
-        lo, hi = axis_pads(size, p, s, padding)
-        x = tap_sum(pad_axis(x, ax, lo, hi, padding), (ax,), p, s)
+        x = tap_sum(x, (ax,), p, s, padding)
         if average:
             d = window_divisors(size, p, s, padding, normalize_edges)
             x = _divide_axis(x, ax, d * d if diagonal_spatial else d)
