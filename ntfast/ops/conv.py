@@ -50,6 +50,7 @@ import numpy as np
 from jax import lax
 
 from ntfast import backend as _backend
+from ntfast.ops.layout import materialized_transpose
 
 PADDINGS = ("VALID", "SAME", "CIRCULAR")
 
@@ -103,79 +104,40 @@ def n_windows(padded: int, f: int, s: int) -> int:
     return max((padded - f) // s + 1, 0)
 
 
-def _tap_along(x: jax.Array, axis: int, a: int, s: int, out: int, lo: int, padding: str):
-    """``t[.., i, ..] = xp[.., s·i + a, ..]`` for ``i < out``, ``xp`` = ``x`` padded by ``lo`` below.
+def pad_axes(x: jax.Array, axes: Sequence[int], windows, strides, padding: str) -> jax.Array:
+    """Pads each of ``axes`` by its SAME amounts for its window/stride (no-op for VALID).
 
-    Built from slices of ``x`` (plus zeros for SAME, wrapped pieces for CIRCULAR) instead of a
-    padded copy, so XLA fuses every tap and the sum over taps into one pass over ``x``. Returns
-    None when the tap only reads zero padding.
+    All axes are padded up front, before any window sum: XLA then fuses the padding into the
+    first tap sum, where padding pair by pair would materialize a padded copy per pair (~3x
+    slower on CPU, measured).
     """
-    n = x.shape[axis]
-
-    def piece(i0, i1, shift):  # rows i0..i1 (inclusive) read x[s·i + a - lo + shift]
-        j0 = s * i0 + a - lo + shift
-        return lax.slice_in_dim(x, j0, j0 + s * (i1 - i0) + 1, stride=s, axis=axis)
-
-    def first_i(j):  # smallest i with s·i + a - lo >= j
-        return max(-(-(j - a + lo) // s), 0)
-
-    i_in0, i_in1 = first_i(0), min(first_i(n), out) - 1
-    if padding != "CIRCULAR":
-        if i_in1 < i_in0:
-            return None
-        t = piece(i_in0, i_in1, 0)
-        if i_in0 == 0 and i_in1 == out - 1:
-            return t
-        config = [(0, 0, 0)] * x.ndim
-        config[axis] = (i_in0, out - 1 - i_in1, 0)
-        return lax.pad(t, jnp.zeros((), x.dtype), config)
-    # CIRCULAR: rows below 0 read x[j + n], rows past n - 1 read x[j - n].
-    pieces = []
-    for i0, i1, shift in (
-        (0, min(i_in0, out) - 1, n),
-        (i_in0, i_in1, 0),
-        (max(i_in1 + 1, i_in0), out - 1, -n),
-    ):
-        if i1 >= i0:
-            pieces.append(piece(i0, i1, shift))
-    return pieces[0] if len(pieces) == 1 else lax.concatenate(pieces, axis)
+    for ax, f, s in zip(axes, windows, strides):
+        lo, hi = axis_pads(x.shape[ax], f, s, padding)
+        x = pad_axis(x, ax, lo, hi, padding)
+    return x
 
 
-def tap_sum(
-    x: jax.Array,
-    axes: Sequence[int],
-    f: int,
-    s: int,
-    padding: str = "VALID",
-) -> jax.Array:
-    """``out[.., i, .., i', ..] = Σ_{a<f} xp[.., s·i + a, .., s·i' + a, ..]`` over ``axes``.
+def tap_sum(x: jax.Array, axes: Sequence[int], f: int, s: int) -> jax.Array:
+    """``out[.., i, .., i', ..] = Σ_{a<f} x[.., s·i + a, .., s·i' + a, ..]`` over ``axes`` (VALID).
 
-    ``xp`` is ``x`` with each axis in ``axes`` padded by its SAME amounts (zeros for SAME, wrap
-    for CIRCULAR, none for VALID), without materializing it. The same tap offset ``a`` applies
-    to every axis in ``axes``: one axis gives a 1-D box sum, a zipped pair gives the diagonal
-    (shared-weight) sum. ``f`` shifted strided slices, ``f - 1`` adds per output entry.
+    The same tap offset ``a`` is applied to every axis in ``axes``: one axis gives a 1-D box sum,
+    a zipped pair gives the diagonal (shared-weight) sum. ``f`` shifted strided slices, ``f - 1``
+    adds per output entry.
     """
     shape = list(x.shape)
-    pads = [axis_pads(shape[ax], f, s, padding) for ax in axes]
-    outs = [n_windows(shape[ax] + lo + hi, f, s) for ax, (lo, hi) in zip(axes, pads)]
-    if padding == "CIRCULAR" and any(max(p) > shape[ax] for ax, p in zip(axes, pads)):
-        # Pads longer than the axis wrap more than once (numpy's "wrap"): pad explicitly.
-        for ax, (lo, hi) in zip(axes, pads):
-            x = pad_axis(x, ax, lo, hi, padding)
-        return tap_sum(x, axes, f, s, "VALID")
+    outs = [n_windows(shape[ax], f, s) for ax in axes]
     for ax, o in zip(axes, outs):
         shape[ax] = o
+    if min(outs) == 0:
+        return jnp.zeros(shape, x.dtype)
     acc = None
-    if min(outs) > 0:
-        for a in range(f):
-            tap = x
-            for ax, o, (lo, _) in zip(axes, outs, pads):
-                tap = _tap_along(tap, ax, a, s, o, lo, padding)
-                if tap is None:
-                    break
-            if tap is not None:
-                acc = tap if acc is None else acc + tap
-    return jnp.zeros(shape, x.dtype) if acc is None else acc
+    for a in range(f):
+        start, limit, stride = [0] * x.ndim, list(x.shape), [1] * x.ndim
+        for ax, o in zip(axes, outs):
+            start[ax], limit[ax], stride[ax] = a, a + s * (o - 1) + 1, s
+        tap = lax.slice(x, start, limit, stride)
+        acc = tap if acc is None else acc + tap
+    return acc
 
 
 def stored_pairs(n_spatial: int, is_reversed: bool) -> list[int]:
@@ -218,17 +180,23 @@ def conv_cov_reference(
     b = check_window_args(x, filter_shape, strides, diagonal_spatial, "filter_shape")
     n = len(filter_shape)
     if diagonal_spatial:
-        for p in range(n):
-            x = tap_sum(x, (b + p,), int(filter_shape[p]), int(strides[p]), padding)
+        axes = range(b, b + n)
+        x = pad_axes(x, axes, filter_shape, strides, padding)
+        for ax, f, s in zip(axes, filter_shape, strides):
+            x = tap_sum(x, (ax,), f, s)
         return x * (1.0 / float(np.prod(filter_shape)))
 
-    for p, logical in enumerate(stored_pairs(n, is_reversed)):
+    order = stored_pairs(n, is_reversed)
+    windows = [filter_shape[logical] for logical in order for _ in (0, 1)]
+    steps = [strides[logical] for logical in order for _ in (0, 1)]
+    x = pad_axes(x, range(b, b + 2 * n), windows, steps, padding)
+    for p in range(n):
         ax = b + 2 * p
-        x = tap_sum(x, (ax, ax + 1), int(filter_shape[logical]), int(strides[logical]), padding)
+        x = tap_sum(x, (ax, ax + 1), windows[2 * p], steps[2 * p])
     x = x * (1.0 / float(np.prod(filter_shape)))
     # NT's loop over pairs leaves them in reverse stored order; keep that layout (is_reversed flips).
     pairs_reversed = [b + 2 * p + k for p in range(n - 1, -1, -1) for k in (0, 1)]
-    return jnp.transpose(x, list(range(b)) + pairs_reversed)
+    return materialized_transpose(x, list(range(b)) + pairs_reversed)
 
 
 # Registered jitted, so that eager calls compile one fused program per configuration instead of

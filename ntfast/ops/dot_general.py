@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from ntfast import backend as _backend
+from .layout import materialized_transpose
 
 __all__ = ["bilinear", "input_cov", "kernel_dot_general"]
 
@@ -55,7 +56,7 @@ def _zip_pairs(x: jnp.ndarray, start: int) -> jnp.ndarray:
     """``(..., A, B, C, A', B', C')`` -> ``(..., A, A', B, B', C, C')`` from axis ``start``."""
     half = (x.ndim - start) // 2
     perm = list(range(start)) + [start + i + side * half for i in range(half) for side in (0, 1)]
-    return jnp.transpose(x, perm)
+    return materialized_transpose(x, perm)
 
 
 @_backend.register("input_cov", "xla")

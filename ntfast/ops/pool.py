@@ -39,6 +39,7 @@ from ntfast import backend as _backend
 from ntfast.ops.conv import (
     axis_pads,
     check_window_args,
+    pad_axes,
     padding_name,
     stored_pairs,
     tap_sum,
@@ -95,10 +96,12 @@ def pool_cov_reference(
             for i, logical in enumerate(stored_pairs(n, is_reversed))
             for k in (0, 1)
         ]
-    for logical, ax in axes:
-        p, s = int(window_shape[logical]), int(strides[logical])
-        size = x.shape[ax]
-        x = tap_sum(x, (ax,), p, s, padding)
+    sizes = [x.shape[ax] for _, ax in axes]
+    windows = [int(window_shape[logical]) for logical, _ in axes]
+    steps = [int(strides[logical]) for logical, _ in axes]
+    x = pad_axes(x, [ax for _, ax in axes], windows, steps, padding)
+    for (_, ax), size, p, s in zip(axes, sizes, windows, steps):
+        x = tap_sum(x, (ax,), p, s)
         if average:
             d = window_divisors(size, p, s, padding, normalize_edges)
             x = _divide_axis(x, ax, d * d if diagonal_spatial else d)

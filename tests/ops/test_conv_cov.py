@@ -377,22 +377,34 @@ def _eqn_counts(fn, x):
     return counts
 
 
+# Array-building primitives a tap may use: strided slices of the input, zero pads (SAME) and
+# concatenations of wrapped pieces (CIRCULAR); none of them does arithmetic.
+_TAP_PRIMS = ("slice", "pad", "concatenate")
+
+
+@pytest.mark.parametrize("padding", ["SAME", "CIRCULAR"])
 @pytest.mark.parametrize("diagonal_spatial", [False, True])
-def test_conv_op_count_is_linear_in_filter_size(diagonal_spatial):
-    """Each spatial axis (pair) is f strided slices and f - 1 adds: Σ f, not Π f nor f²."""
+def test_conv_op_count_is_linear_in_filter_size(diagonal_spatial, padding):
+    """Per spatial axis (pair): f taps summed with f - 1 adds: Σ f in all, not Π f nor f².
+
+    Each tap is built from at most 3 pieces per array axis (wrap splits an axis in 3), so the
+    number of primitives is O(Σ f) as well; no convolution, window reduction or contraction.
+    """
     for filter_shape in [(3, 3), (9, 9), (5, 2, 7)]:
         n = len(filter_shape)
-        shape = (2, 2) + (12,) * (n if diagonal_spatial else 2 * n)
+        axes_per_tap = 1 if diagonal_spatial else 2
+        shape = (2, 2) + (12,) * (n * axes_per_tap)
         fn = functools.partial(
             conv_cov_reference,
             filter_shape=filter_shape,
             strides=(1,) * n,
-            padding="SAME",
+            padding=padding,
             diagonal_spatial=diagonal_spatial,
         )
         counts = _eqn_counts(fn, jnp.zeros(shape, jnp.float32))
-        assert counts.get("slice", 0) == sum(filter_shape)
         assert counts.get("add", 0) == sum(f - 1 for f in filter_shape)
+        n_tap_ops = sum(counts.get(p, 0) for p in _TAP_PRIMS)
+        assert sum(filter_shape) <= n_tap_ops <= 4 * axes_per_tap * sum(filter_shape)
         for banned in ("conv_general_dilated", "reduce_window_sum", "reduce_window", "dot_general"):
             assert banned not in counts
 
@@ -421,8 +433,8 @@ def test_pool_op_count_is_linear_in_window_size():
         normalize_edges=True,
     )
     counts = _eqn_counts(fn, jnp.zeros((2, 2, 8, 8, 6, 6), jnp.float32))
-    assert counts.get("slice", 0) == 2 * (4 + 3)
     assert counts.get("add", 0) == 2 * (3 + 2)
+    assert counts.get("slice", 0) == 2 * (4 + 3)
     assert "reduce_window_sum" not in counts and "reduce_window" not in counts
 
 
