@@ -852,10 +852,11 @@ def _fam_tree(g: _Gen):
 
 
 def _fam_dotgeneral(g: _Gen):
-    st, n1 = _image_state(g, 2, g.coin(0.5))
+    variant = g.cycle("dot", ["rhs_vector", "rhs_matrix", "rhs_scalar", "lhs_scalar"])
+    # A matrix rhs appends its free axis last: only channels-first keeps a valid layout.
+    st, n1 = _image_state(g, 2, g.coin(0.5) or variant == "rhs_matrix")
     layers = [g.conv(st, padding="SAME")]
     layers += g.nonlin(st)
-    variant = g.cycle("dot", ["rhs_vector", "rhs_matrix", "rhs_scalar", "lhs_scalar"])
     dn_kw = {} if st.ca == -1 else {"channel_axis": st.ca}
     if variant == "rhs_scalar":
         layers.append(("DotGeneral", dict(rhs=float(np.round(g.rng.uniform(-2, 2), 3)), **dn_kw)))

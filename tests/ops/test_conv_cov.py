@@ -410,17 +410,26 @@ def test_conv_op_count_is_linear_in_filter_size(diagonal_spatial, padding):
 
 
 def test_conv_compiled_flops_scale_linearly():
-    """XLA's own cost analysis: 3x3 -> 9x9 filter multiplies flops by ~(8+8)/(2+2), not 9."""
+    """XLA's own cost analysis of the compiled op matches the O(f) model, far below NT's f².
 
-    def flops(f):
+    Model (SAME, stride 1, 2-D, ``B`` batch entries, image ``n``, padded ``m = n + f - 1``):
+    the first pair's taps cost ``(f - 1)·B·n²·m²`` adds (the other pair is still padded), the
+    second ``(f - 1)·B·n⁴``, the ``1/f²`` scale ``B·n⁴`` multiplies. A ``diag(1/f)`` conv per
+    pair (NT) costs ``2·f²`` flops per entry per pair.
+    """
+    b, n = 4, 12
+    for f in (3, 9):
         fn = functools.partial(
             conv_cov_reference, filter_shape=(f, f), strides=(1, 1), padding="SAME"
         )
-        x = jnp.zeros((2, 2, 12, 12, 12, 12), jnp.float32)
-        return jax.jit(fn).lower(x).compile().cost_analysis()["flops"]
-
-    ratio = flops(9) / flops(3)
-    assert 2.0 < ratio < 5.0, ratio
+        x = jnp.zeros((2, 2) + (n,) * 4, jnp.float32)
+        flops = jax.jit(fn).lower(x).compile().cost_analysis()["flops"]
+        m = n + f - 1
+        model = (f - 1) * b * n**2 * m**2 + (f - 1) * b * n**4 + b * n**4
+        quadratic = 2 * f**2 * b * (n**2 * m**2 + n**4)
+        assert 0.8 * model <= flops <= 1.25 * model, (f, flops, model)
+        if f > 3:
+            assert flops < 0.3 * quadratic, (f, flops, quadratic)
 
 
 def test_pool_op_count_is_linear_in_window_size():

@@ -50,7 +50,8 @@ def assert_same_init_apply(make, x, **apply_kw):
     for s_ in LIBS:
         init_fn, apply_fn, _ = make(s_)[:3]
         shape, params = init_fn(jax.random.PRNGKey(3), x.shape)
-        outs.append((tuple(shape), params, apply_fn(params, x, **apply_kw)))
+        y = jax.jit(lambda p, v, f=apply_fn: f(p, v, **apply_kw))(params, x)
+        outs.append((tuple(shape), params, y))
     (s1, p1, y1), (s2, p2, y2) = outs
     assert s1 == s2
     assert jax.tree.structure(p1) == jax.tree.structure(p2)
@@ -296,3 +297,14 @@ def test_conv_requires_matching_batch_axis():
         k = s_.Conv(2, (2, 2))[2](x)
         with pytest.raises(ValueError):
             s_.Conv(2, (2, 2), dimension_numbers=("HWCN", "HWIO", "HWCN"))[2](k)
+
+
+@pytest.mark.parametrize("tail", ["GlobalAvgPool", "AvgPool"])
+def test_conv_then_pool_rejects_diagonal_spatial(tail):
+    """Pooling after a conv needs off-diagonal spatial entries: both libraries refuse."""
+    x = _x("NHWC", {"H": 4, "W": 5}, 2)
+    for s_ in LIBS:
+        pool = s_.GlobalAvgPool() if tail == "GlobalAvgPool" else s_.AvgPool((2, 2))
+        net = s_.serial(s_.Conv(2, (2, 2)), s_.Relu(), pool)
+        with pytest.raises(ValueError, match="diagonal_spatial"):
+            net[2](x, None, diagonal_spatial=True)

@@ -201,6 +201,8 @@ def test_rectified_monomial_cov_on_diagonal(degree):
     post = st.serial(st.Conv(3, (2, 3), padding="SAME", W_std=1.3, b_std=0.2),
                      st.RectifiedMonomial(degree))[2](x1, None, diagonal_spatial=True)  # fmt: skip
     var = np.einsum("naabb->nab", pre.cov1)
+    if pre.is_reversed:  # spatial pairs stored (W, W', H, H')
+        var = var.transpose(0, 2, 1)
     want = math.prod(range(2 * degree - 1, 0, -2)) * var**degree / 2
     np.testing.assert_allclose(post.cov1, want, rtol=1e-12)
     nt_cov1 = _conv(nt, nt.RectifiedMonomial(degree))[2](x1, None).cov1
