@@ -193,8 +193,13 @@ def Dropout(rate: float, mode: str = "train"):
 
     @requires(use_dropout=True)
     def kernel_fn_train(k: Kernel, **kwargs) -> Kernel:
-        if k.is_input:
-            raise ValueError("Dropout cannot be applied to the input layer.")
+        # NT's input kernels carry `is_input=False` (kept for static-field parity), so the input
+        # layer is also recognized by its parameter-free NTK: the 0-d zero `_inputs_to_kernel` sets.
+        if k.is_input or (k.ntk is not None and jnp.ndim(k.ntk) == 0):
+            raise ValueError(
+                "Dropout(mode='train') cannot be applied to the input layer: place it after a "
+                "Dense/Conv layer (inputs are fixed, so dropping them is not a random layer here)."
+            )
         factor = 1.0 / rate
         pair_factor = jnp.where(k.x1_is_x2, factor, 1.0)
         return k.replace(

@@ -362,12 +362,10 @@ def _inputs_to_kernel(
                 f"`{name}` must be at least 2-D (a batch and a channel/feature axis), got shape "
                 f"{x.shape}."
             )
-        if not (
-            jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.complexfloating)
-        ):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
             raise TypeError(
-                f"`{name}` must have a floating dtype to compute a kernel, got {x.dtype} "
-                f"(cast it, e.g. `{name}.astype(jnp.float32)`)."
+                f"`{name}` must have a real floating dtype to compute a kernel, got {x.dtype} "
+                f"(cast it, e.g. `{name}.astype(jnp.float32)`; complex inputs are not supported)."
             )
     if x2 is not None:
         s1 = tuple(d for i, d in enumerate(x1.shape) if i != batch_axis % x1.ndim)
