@@ -29,6 +29,10 @@ def __getattr__(name):
         "empirical_kernel_fn": ("ntfast.empirical", "empirical_kernel_fn"),
         "empirical_ntk_fn": ("ntfast.empirical", "empirical_ntk_fn"),
         "empirical_nngp_fn": ("ntfast.empirical", "empirical_nngp_fn"),
+        "empirical_ntk_vp_fn": ("ntfast.empirical", "empirical_ntk_vp_fn"),
+        "linearize": ("ntfast.empirical", "linearize"),
+        "taylor_expand": ("ntfast.empirical", "taylor_expand"),
+        "NtkImplementation": ("ntfast.empirical", "NtkImplementation"),
         "monte_carlo_kernel_fn": ("ntfast.monte_carlo", "monte_carlo_kernel_fn"),
     }
     if name in lazy:
@@ -46,6 +50,10 @@ __all__ = [
     "available_backends",
     "empirical_kernel_fn",
     "empirical_nngp_fn",
+    "empirical_ntk_vp_fn",
+    "linearize",
+    "taylor_expand",
+    "NtkImplementation",
     "empirical_ntk_fn",
     "get_backend",
     "monte_carlo_kernel_fn",

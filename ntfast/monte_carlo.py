@@ -72,13 +72,17 @@ def _canonicalize_n_samples(n_samples: int | Iterable[int]) -> tuple[set[int], b
 
 
 def _check_key(key: Any) -> None:
+    """A single PRNG key: a typed key of shape ``()`` or a raw uint32 key (``(2,)`` threefry)."""
     if not utils.is_array(key):
         raise TypeError(f"`key` must be a PRNG key (jax.random.key or PRNGKey), got {type(key)}.")
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
             raise ValueError(f"`key` must be a single PRNG key, got shape {key.shape}.")
-    elif key.shape != (2,):
-        raise ValueError(f"`key` must be a PRNG key of shape (2,), got shape {key.shape}.")
+    elif key.dtype != jnp.uint32 or key.ndim != 1:
+        raise ValueError(
+            f"`key` must be a single PRNG key (e.g. uint32 of shape (2,)), got {key.dtype} of "
+            f"shape {key.shape}."
+        )
 
 
 def _resolve_device_count(device_count: int) -> int:
@@ -374,6 +378,10 @@ def monte_carlo_kernel_fn(
     n_max = max(sizes)
 
     def running_sums(x1, x2, get, kwargs) -> Generator[tuple[int, PyTree], None, None]:
+        # Samples are computed for the sorted set of names: every spelling of the same request
+        # (None, "ntk" vs ("ntk",), any order) shares one compilation; `get_namedtuple` then
+        # selects and orders the fields as asked. None keeps NT's EmpiricalKernel(nngp, ntk).
+        get = ("nngp", "ntk") if get is None else tuple(sorted(get))
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -20,6 +20,7 @@ import pytest
 from nt_oracle import load_nt_stax
 
 import ntfast
+from ntfast.empirical import NtkImplementation
 
 nt_stax = load_nt_stax()
 
@@ -288,8 +289,9 @@ def test_bad_arguments_raise_clear_errors():
     for bad in (1.5, "10", None):
         with pytest.raises(TypeError, match="n_samples"):
             ntfast.monte_carlo_kernel_fn(init_fn, apply_fn, key, bad)
-    with pytest.raises(ValueError, match="key"):
-        ntfast.monte_carlo_kernel_fn(init_fn, apply_fn, jnp.zeros((3,), jnp.uint32), 1)
+    for bad in (jnp.zeros((2,)), jnp.zeros((2, 2), jnp.uint32), jax.random.split(key, 2)):
+        with pytest.raises(ValueError, match="key"):
+            ntfast.monte_carlo_kernel_fn(init_fn, apply_fn, bad, 1)
     with pytest.raises(TypeError, match="key"):
         ntfast.monte_carlo_kernel_fn(init_fn, apply_fn, 0, 1)
     with pytest.raises(ValueError, match="batch_size"):
@@ -313,7 +315,7 @@ def test_new_style_keys_implementations_and_progress(capfd):
         apply_fn,
         jax.random.key(0),
         2,
-        implementation=ntfast.empirical.NtkImplementation.AUTO,
+        implementation=NtkImplementation.AUTO,
         progress=True,
     )
     got = mc_fn(X1, X2, "ntk")

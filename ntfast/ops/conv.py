@@ -129,7 +129,12 @@ def tap_sum(x: jax.Array, axes: Sequence[int], f: int, s: int) -> jax.Array:
     for ax, o in zip(axes, outs):
         shape[ax] = o
     if min(outs) == 0:
-        return jnp.zeros(shape, x.dtype)
+        sizes = [x.shape[ax] for ax in axes]
+        raise ValueError(
+            f"A window (filter_shape / window_shape entry) of size {f} with stride {s} does not "
+            f"fit in a spatial axis of (padded) size {sizes[0]}: the output would be empty. Use "
+            f"a smaller window or SAME/CIRCULAR padding."
+        )
     acc = None
     for a in range(f):
         start, limit, stride = [0] * x.ndim, list(x.shape), [1] * x.ndim

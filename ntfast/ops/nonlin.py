@@ -507,6 +507,27 @@ def elementwise_variance(q, *, nngp_fn, d_nngp_fn=None):
 _QUAD_TOL = 1e-30  # NT's floor on q11 / 2 before dividing by its square root
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _gauss_hermite_2d(g, deg, q12, q11, q22):
+    """``(1/π) Σ_ij w_i w_j g(√(2q11) x_i) g(β x_i + γ x_j)`` for broadcast-equal arrays.
+
+    Jitted with ``g`` static so that eager layers reuse the compiled loop across calls.
+    """
+    nodes, weights = np.polynomial.hermite.hermgauss(deg)
+    xs, ws = jnp.asarray(nodes, q12.dtype), jnp.asarray(weights, q12.dtype)
+    half = jnp.maximum(q11 / 2, _QUAD_TOL)
+    u_scale = _safe_sqrt(2 * q11)
+    beta = q12 / jnp.sqrt(half)
+    gamma = _safe_sqrt(2 * (q22 - q12 * (q12 / (2 * half))))
+    ys = xs.reshape((-1,) + (1,) * q12.ndim)
+
+    def body(i, acc):
+        inner = jnp.tensordot(ws, g(beta * xs[i] + gamma * ys), axes=(0, 0))
+        return acc + ws[i] * g(u_scale * xs[i]) * inner
+
+    return lax.fori_loop(0, deg, body, jnp.zeros_like(q12)) / _PI
+
+
 def numerical_expectation(q12, q11, q22, ntk=None, *, fn, deg, df=None):
     """Gauss–Hermite quadrature of order ``deg`` (``deg²`` nodes) for any ``fn``:
     ``E[g(u) g(v)] ≈ (1/π) Σ_ij w_i w_j g(√(2q11) x_i) g(β x_i + γ x_j)`` with
@@ -514,26 +535,11 @@ def numerical_expectation(q12, q11, q22, ntk=None, *, fn, deg, df=None):
     (``grad(fn)`` if None). Loops over ``i`` so memory is ``deg × size``, not ``deg² × size``."""
     shape = jnp.broadcast_shapes(q12.shape, q11.shape, q22.shape)
     q12, q11, q22 = (jnp.broadcast_to(x, shape) for x in (q12, q11, q22))
-    nodes, weights = np.polynomial.hermite.hermgauss(int(deg))
-    xs, ws = jnp.asarray(nodes, q12.dtype), jnp.asarray(weights, q12.dtype)
-    half = jnp.maximum(q11 / 2, _QUAD_TOL)
-    u_scale = _safe_sqrt(2 * q11)
-    beta = q12 / jnp.sqrt(half)
-    gamma = _safe_sqrt(2 * (q22 - q12 * (q12 / (2 * half))))
-    ys = xs.reshape((-1,) + (1,) * len(shape))
-
-    def integrate(g):
-        def body(i, acc):
-            inner = jnp.tensordot(ws, g(beta * xs[i] + gamma * ys), axes=(0, 0))
-            return acc + ws[i] * g(u_scale * xs[i]) * inner
-
-        return lax.fori_loop(0, xs.shape[0], body, jnp.zeros(shape, q12.dtype)) / _PI
-
-    new = integrate(fn)
+    new = _gauss_hermite_2d(fn, int(deg), q12, q11, q22)
     if ntk is None:
         return new, None
     dfn = jnp.vectorize(jax.grad(fn)) if df is None else df
-    return new, ntk * integrate(dfn)
+    return new, ntk * _gauss_hermite_2d(dfn, int(deg), q12, q11, q22)
 
 
 def numerical_variance(q, *, fn, deg, df=None):

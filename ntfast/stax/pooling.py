@@ -312,14 +312,19 @@ def _GlobalPool(pool_type, batch_axis, channel_axis):
         diagonal_spatial=Diagonal(input=Bool.MAYBE, output=Bool.YES),
     )
     def kernel_fn(k, **kwargs):
+        if k.diagonal_spatial:
+            # A global pool sums all location-location covariances; a diagonal_spatial kernel
+            # has dropped the off-diagonal ones (NT silently sums the diagonal only).
+            raise ValueError(
+                "GlobalAvgPool / GlobalSumPool need the full spatial covariance, but the input "
+                "kernel has `diagonal_spatial == True`. Recompute it with "
+                "`diagonal_spatial=False` (the default for networks ending in a global pool)."
+            )
+
         def pool(mat, batch_ndim, mask):
             if mat is None or mat.ndim == 0:
                 return mat
-            axes = tuple(range(batch_ndim, mat.ndim))
-            out = reduce(mat, axes, mask)
-            if k.diagonal_spatial and pool_type == _AVG:
-                out = out / utils.size_at(mat, axes)
-            return out
+            return reduce(mat, tuple(range(batch_ndim, mat.ndim)), mask)
 
         mask11, mask12, mask22 = k._get_mask_prods(k.mask1, k.mask2)
         cov_ndim = 1 if k.diagonal_batch else 2
