@@ -121,7 +121,9 @@ def _gram(q12, q11, q22):
     is value-only: ``det`` keeps the gradient of ``a·b − c²``, which the smooth families need on
     the |ρ| = 1 boundary where rounding may push ``a·b − c²`` a hair below 0.
     """
-    m = jnp.maximum(jnp.maximum(q11, q22), jnp.abs(q12))
+    # m is a constant for differentiation: m² (a b − c²) = q11 q22 − q12² for any m, and
+    # d(q/m)/dm = −q/m² would overflow f32 for tiny m.
+    m = lax.stop_gradient(jnp.maximum(jnp.maximum(q11, q22), jnp.abs(q12)))
     m = jnp.where(m > 0, m, 1)
     a, b, c = q11 / m, q22 / m, q12 / m
     det = a * b - c * c
@@ -144,7 +146,7 @@ def _where_pos(cond, num, den):
 # Arc-cosine kernels k_d (Cho & Saul 2009): E[relu(u)^d relu(v)^d] = k_d.
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _arccos_polys(degree: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Coefficients (ascending in cos θ) of ``A_d``, ``B_d`` with
     ``J_d(θ) = (−1)^d [(π − θ) A_d(cos θ) + sin θ · B_d(cos θ)]``.
@@ -162,7 +164,7 @@ def _arccos_polys(degree: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
             -(one_minus_c2 * pa.deriv() + (2 * k + 1) * c * pa),
             -pa - one_minus_c2 * pb.deriv() - 2 * k * c * pb,
         )
-    coef = lambda p, n: tuple(float(v) for v in np.pad(p.coef, (0, n))[:n])  # noqa: E731
+    coef = lambda p, n: tuple(float(v) for v in np.pad(p.coef, (0, n))[:n])
     return coef(pa, degree + 1), coef(pb, max(degree, 1))
 
 
@@ -183,42 +185,51 @@ def _arccos_parts(q12, q11, q22):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _arccos_kernel(q12, q11, q22, degree):
-    """``k_d = (√q11 √q22)^d J_d(θ) / 2π`` for pre-broadcast arrays; ``cos θ = q12 / √(q11 q22)``.
+def _arccos_kernels(q12, q11, q22, degree):
+    """``(k_0, ..., k_degree)``, ``k_d = (√q11 √q22)^d J_d(θ) / 2π``, for pre-broadcast arrays.
 
+    One angle evaluation serves every degree (ABRelu needs k_1 for nngp and k_0 for Σ̇).
     Normalized: ``(√q11 √q22)^d J_d = m^d (−1)^d [(π−θ) hyp^d A_d(c/hyp) + sn hyp^{d−1} B_d(c/hyp)]``
     with ``sn = √det``, ``hyp² = sn² + c²``; both terms are polynomials in ``(c, hyp²)``.
     """
     m, c, sn, theta = _arccos_parts(q12, q11, q22)
-    if degree == 0:
-        return (_PI - theta) / _TWO_PI
-    pa, pb = _arccos_polys(degree)
+    out = [(_PI - theta) / _TWO_PI]
     h2 = sn * sn + c * c
-    j = (_PI - theta) * _homogeneous(pa, c, h2, degree) + sn * _homogeneous(pb, c, h2, degree - 1)
-    return (-1) ** degree * m**degree * j / _TWO_PI
+    for d in range(1, degree + 1):
+        pa, pb = _arccos_polys(d)
+        j = (_PI - theta) * _homogeneous(pa, c, h2, d) + sn * _homogeneous(pb, c, h2, d - 1)
+        out.append((-1) ** d * m**d * j / _TWO_PI)
+    return tuple(out)
 
 
-@_arccos_kernel.defjvp
-def _arccos_kernel_jvp(degree, primals, tangents):
+@_arccos_kernels.defjvp
+def _arccos_kernels_jvp(degree, primals, tangents):
     (q12, q11, q22), (t12, t11, t22) = primals, tangents
-    k = _arccos_kernel(q12, q11, q22, degree)
-    if degree >= 1:
-        d12 = degree**2 * _arccos_kernel(q12, q11, q22, degree - 1)
-    else:
-        # ∂θ/∂q12 = −1/s: infinite on the diagonal; 0 there, as NT's safe sqrt gives.
-        m, _, sn, _ = _arccos_parts(q12, q11, q22)
-        s = m * sn
-        d12 = _where_pos(s > 0, 1 / _TWO_PI, s)
-    # Homogeneity k(t² q11, t q12, q22) = t^d k  =>  2 q11 ∂k/∂q11 + q12 ∂k/∂q12 = d k.
-    d11 = _where_pos(q11 > 0, degree * k - q12 * d12, 2 * q11)
-    d22 = _where_pos(q22 > 0, degree * k - q12 * d12, 2 * q22)
-    return k, d12 * t12 + d11 * t11 + d22 * t22
+    ks = _arccos_kernels(q12, q11, q22, degree)
+    # ∂k_0/∂q12 = −(1/2π) ∂θ/∂q12 = 1/(2π s): infinite on the diagonal; 0 there, as NT's safe
+    # sqrt gives. Price's theorem for d ≥ 1: ∂k_d/∂q12 = d² k_{d−1}.
+    m, _, sn, _ = _arccos_parts(q12, q11, q22)
+    s = m * sn
+    out = []
+    for d, k in enumerate(ks):
+        d12 = d * d * ks[d - 1] if d >= 1 else _where_pos(s > 0, 1 / _TWO_PI, s)
+        # Homogeneity k(t² q11, t q12, q22) = t^d k  =>  2 q11 ∂k/∂q11 + q12 ∂k/∂q12 = d k.
+        d11 = _where_pos(q11 > 0, d * k - q12 * d12, 2 * q11)
+        d22 = _where_pos(q22 > 0, d * k - q12 * d12, 2 * q22)
+        out.append(d12 * t12 + d11 * t11 + d22 * t22)
+    return ks, tuple(out)
+
+
+def arccos_kernels(q12, q11, q22, degree: int) -> tuple:
+    """Arc-cosine kernels ``(k_0, ..., k_degree)``: ``k_d = E[relu(u)^d relu(v)^d]``, k_0 the
+    step-function kernel ``(π − θ)/2π``. Inputs broadcast; gradients analytic (see module doc)."""
+    q12, q11, q22 = jnp.broadcast_arrays(q12, q11, q22)
+    return _arccos_kernels(q12, q11, q22, int(degree))
 
 
 def arccos_kernel(q12, q11, q22, degree: int):
     """Arc-cosine kernel of integer ``degree >= 0``: ``E[relu(u)^d relu(v)^d]`` (d = 0: step)."""
-    q12, q11, q22 = jnp.broadcast_arrays(q12, q11, q22)
-    return _arccos_kernel(q12, q11, q22, int(degree))
+    return arccos_kernels(q12, q11, q22, degree)[-1]
 
 
 def _double_factorial(n: int) -> int:
@@ -241,9 +252,9 @@ def abrelu_expectation(q12, q11, q22, ntk=None, *, a, b):
     """``f(x) = a·min(x, 0) + b·max(x, 0)``: ``q12' = (a−b)² k_1 + ab·q12``,
     ``Σ̇ = (a−b)² k_0 + ab = (a² + b²)/2 − (a−b)² θ / 2π`` (Cho & Saul; arXiv:1711.09090)."""
     f = (a - b) ** 2
-    new = f * arccos_kernel(q12, q11, q22, 1) + a * b * q12
-    dot = None if ntk is None else f * arccos_kernel(q12, q11, q22, 0) + a * b
-    return new, _times(ntk, dot)
+    k0, k1 = arccos_kernels(q12, q11, q22, 1)
+    new = f * k1 + a * b * q12
+    return new, _times(ntk, f * k0 + a * b)
 
 
 def abrelu_variance(q, *, a, b):
@@ -261,10 +272,10 @@ def sign_variance(q):
 
 def rectified_monomial_expectation(q12, q11, q22, ntk=None, *, degree):
     """``f(x) = (x ≥ 0) x^d``: ``q12' = k_d``, ``Σ̇ = d² k_{d−1}`` (d = 0: Σ̇ := 0, as NT)."""
-    new = arccos_kernel(q12, q11, q22, degree)
+    ks = arccos_kernels(q12, q11, q22, degree)
     if ntk is None or degree == 0:
-        return new, _zeros(ntk)
-    return new, ntk * degree**2 * arccos_kernel(q12, q11, q22, degree - 1)
+        return ks[-1], _zeros(ntk)
+    return ks[-1], ntk * degree**2 * ks[-2]
 
 
 def rectified_monomial_variance(q, *, degree):
@@ -442,7 +453,7 @@ def monomial_variance(q, *, degree):
     return _double_factorial(2 * degree - 1) * q**degree
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _polynomial_hermite_coefs(coef: tuple[float, ...]) -> tuple[tuple[float, ...], ...]:
     """``R_l`` (ascending in n) with ``f(√n z) = Σ_l √n^l R_l(n) He_l(z)/√l!``:
     ``R_l(n) = Σ_i coef[2i+l] (2i+l)! / (2^i i! √l!) n^i``."""

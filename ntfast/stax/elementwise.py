@@ -28,6 +28,7 @@ Deliberate differences from NT 0.6.5 (fixes; everything else matches to rounding
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -69,7 +70,9 @@ _NOT_GAUSSIAN = (
     "The input to the activation function must be Gaussian, i.e. a random affine transform is "
     "required before the activation function."
 )
-_AUTODIFF_URL = "https://jax.readthedocs.io/en/latest/faq.html#gradients-contain-nan-where-using-where"
+_AUTODIFF_URL = (
+    "https://jax.readthedocs.io/en/latest/faq.html#gradients-contain-nan-where-using-where"
+)
 
 
 def _map_kernel(k: Kernel, kind: str, params: dict, diag_variance: bool = True) -> Kernel:
@@ -158,7 +161,7 @@ def Erf(a: float = 1.0, b: float = 1.0, c: float = 0.0):
     def fn(x):
         return a * erf(b * x) + c
 
-    return _elementwise(fn, f"Erf({a}, {b}, {c})", "erf", dict(a=a, b=b, c=c))
+    return _elementwise(fn, f"Erf({a}, {b}, {c})", "erf", {"a": a, "b": b, "c": c})
 
 
 def Sigmoid_like():
@@ -224,7 +227,7 @@ def Sin(a: float = 1.0, b: float = 1.0, c: float = 0.0):
     def fn(x):
         return a * jnp.sin(b * x + c)
 
-    return _elementwise(fn, f"Sin({a}, {b}, {c})", "sin", dict(a=a, b=b, c=c))
+    return _elementwise(fn, f"Sin({a}, {b}, {c})", "sin", {"a": a, "b": b, "c": c})
 
 
 def Cos(a: float = 1.0, b: float = 1.0, c: float = 0.0):
@@ -259,7 +262,7 @@ def Rbf(gamma: float = 1.0):
     def fn(x):
         return jnp.sqrt(2) * jnp.sin(jnp.sqrt(2 * gamma) * x + jnp.pi / 4)
 
-    return _elementwise(fn, f"Rbf({gamma})", "rbf", dict(gamma=gamma))
+    return _elementwise(fn, f"Rbf({gamma})", "rbf", {"gamma": gamma})
 
 
 @layer
@@ -284,7 +287,7 @@ def ABRelu(a: float, b: float, do_stabilize: bool = False):
     def fn(x):
         return a * jnp.minimum(x, 0) + b * jnp.maximum(x, 0)
 
-    return _elementwise(fn, f"ABReLU({a}, {b})", "abrelu", dict(a=a, b=b))
+    return _elementwise(fn, f"ABReLU({a}, {b})", "abrelu", {"a": a, "b": b})
 
 
 def Relu(do_stabilize: bool = False):
@@ -353,7 +356,7 @@ def Exp(a: float = 1, b: float = 1):
     def fn(x):
         return a * jnp.exp(b * x)
 
-    return _elementwise(fn, f"Exp({a}, {b})", "exp", dict(a=a, b=b))
+    return _elementwise(fn, f"Exp({a}, {b})", "exp", {"a": a, "b": b})
 
 
 @layer
@@ -368,7 +371,7 @@ def Gaussian(a: float = 1, b: float = -1):
     def fn(x):
         return a * jnp.exp(b * x**2)
 
-    return _elementwise(fn, f"Gaussian({a}, {b})", "gaussian", dict(a=a, b=b))
+    return _elementwise(fn, f"Gaussian({a}, {b})", "gaussian", {"a": a, "b": b})
 
 
 @layer
@@ -390,7 +393,7 @@ def ExpNormalized(gamma: float = 1, shift: float = -1, do_clip: bool = False):
     Raises:
       NotImplementedError: if finite width ``apply_fn`` is called.
     """
-    params = dict(gamma=gamma, shift=shift, do_clip=do_clip)
+    params = {"gamma": gamma, "shift": shift, "do_clip": do_clip}
     return _elementwise(None, "ExpNormalized", "exp_normalized", params, diag_variance=False)
 
 
@@ -419,7 +422,7 @@ def Hermite(degree: int):
         raise NotImplementedError("`degree` must be a non-negative integer.")
 
     p = np.polynomial.hermite_e.herme2poly([0] * degree + [1])[::-1]
-    norm = float(np.prod(np.arange(1, degree + 1, dtype=np.float64))) ** 0.5
+    norm = math.factorial(degree) ** 0.5
 
     def fn(x):
         return jnp.polyval(p, x) / norm
@@ -428,7 +431,7 @@ def Hermite(degree: int):
         fn,
         f"{degree}-Hermite polynomial",
         "hermite",
-        dict(degree=int(degree)),
+        {"degree": int(degree)},
         diag_variance=False,
         on_kernel=_warn_unit_norm,
     )
@@ -451,7 +454,7 @@ def Monomial(degree: int):
     def fn(x):
         return x**degree
 
-    return _elementwise(fn, f"{degree}-monomial", "monomial", dict(degree=int(degree)))
+    return _elementwise(fn, f"{degree}-monomial", "monomial", {"degree": int(degree)})
 
 
 @layer
@@ -475,7 +478,7 @@ def RectifiedMonomial(degree: int):
         return (x >= 0) * x**degree
 
     return _elementwise(
-        fn, f"{degree}-rectified-monomial", "rectified_monomial", dict(degree=int(degree))
+        fn, f"{degree}-rectified-monomial", "rectified_monomial", {"degree": int(degree)}
     )
 
 
@@ -495,7 +498,7 @@ def Polynomial(coef: Sequence[float]):
     def fn(x):
         return jnp.polyval(coef[::-1], x)
 
-    params = dict(coef=tuple(float(v) for v in coef))
+    params = {"coef": tuple(float(v) for v in coef)}
     return _elementwise(fn, f"{coef}-polynomial", "polynomial", params)
 
 
@@ -544,7 +547,7 @@ def Elementwise(
         warnings.warn(
             f"Using JAX autodiff to compute the `fn` derivative for NTK. Beware of {_AUTODIFF_URL}."
         )
-    params = dict(nngp_fn=nngp_fn, d_nngp_fn=d_nngp_fn)
+    params = {"nngp_fn": nngp_fn, "d_nngp_fn": d_nngp_fn}
     # NT evaluates cov1 through `nngp_fn(cov, var, var)` in every layout (no separate diag map).
     return _elementwise(fn, name, "elementwise", params, diag_variance=False)
 
@@ -580,5 +583,5 @@ def ElementwiseNumerical(
         df = jnp.vectorize(jax.grad(fn))
     if int(deg) < 1:
         raise ValueError(f"`deg` must be an integer >= 1, got {deg!r}.")
-    params = dict(fn=fn, deg=int(deg), df=df)
+    params = {"fn": fn, "deg": int(deg), "df": df}
     return _elementwise(fn, f"ElementwiseNumerical({fn},deg={deg})", "numerical", params)

@@ -75,10 +75,10 @@ SPECS = [
     ("Polynomial-odd", lambda s: s.Polynomial([0.0, 1.0, 0.0, -0.2, 0.0, 0.01])),
     ("Elementwise", lambda s: s.Elementwise(jax.scipy.special.erf, _erf_nngp_fn, _erf_d_nngp_fn)),
     ("Elementwise-autodiff", lambda s: s.Elementwise(jax.scipy.special.erf, _erf_nngp_fn)),
-    ("ElementwiseNumerical", lambda s: s.ElementwiseNumerical(_tanh_like, 12, None)),
+    ("ElementwiseNumerical", lambda s: s.ElementwiseNumerical(_tanh_like, 8, None)),
     (
         "ElementwiseNumerical-df",
-        lambda s: s.ElementwiseNumerical(jnp.sin, 10, jnp.cos),
+        lambda s: s.ElementwiseNumerical(jnp.sin, 6, jnp.cos),
     ),
 ]
 _IDS = [i for i, _ in SPECS]
@@ -107,9 +107,13 @@ def _conv(s, nonlin):
 ARCHS = {
     # name: (network, input shape per sample, kernel_fn kwargs)
     "dense": (_dense, (7,), {}),
-    "conv": (_conv, (5, 6, 2), dict(diagonal_spatial=False)),
-    "per-location": (_dense, (5, 6, 2), dict(diagonal_spatial=True)),
-    "per-location-full-batch": (_dense, (5, 6, 2), dict(diagonal_spatial=True, diagonal_batch=False)),
+    "conv": (_conv, (5, 6, 2), {"diagonal_spatial": False}),
+    "per-location": (_dense, (5, 6, 2), {"diagonal_spatial": True}),
+    "per-location-full-batch": (
+        _dense,
+        (5, 6, 2),
+        {"diagonal_spatial": True, "diagonal_batch": False},
+    ),
 }
 
 
@@ -183,6 +187,47 @@ def test_parity_with_nt(spec_id):
                 nngp, ntk = kf_ours(x1, b, ("nngp", "ntk"), **kwargs)
             np.testing.assert_allclose(nngp, got.nngp, rtol=1e-12, atol=0)
             np.testing.assert_allclose(ntk, got.ntk, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("spec_id", ["Relu", "Erf", "Exp-ab"])
+def test_masked_inputs_parity(spec_id):
+    """``mask_constant``: remask_kernel=False (Relu) and True (Erf, Exp) through conv + GAP."""
+    spec = dict(SPECS)[spec_id]
+    x1, x2 = _inputs((5, 6, 2))
+    x1[0, 1, 2, :] = -7.0
+    x2[1, 3, :, :] = -7.0
+
+    def net(s):
+        return s.serial(_conv(s, spec(s)), spec(s), s.GlobalAvgPool(), s.Dense(1))[2]
+
+    got = net(st)(x1, x2, ("nngp", "ntk"), mask_constant=-7.0)
+    want = net(nt)(x1, x2, ("nngp", "ntk"), mask_constant=-7.0)
+    for g, w in zip(got, want):
+        assert _rel_err(g, w) <= RTOL
+
+
+@pytest.mark.parametrize("spec_id", ["Relu", "Abs", "Erf-abc", "Gelu", "RectifiedMonomial1"])
+def test_f32_error_at_most_twice_nt(spec_id):
+    """f32 error vs the f64 result is ≤ 2× NT's f32 error (+ a few ulp of the scale)."""
+    spec = dict(SPECS)[spec_id]
+    x1, x2 = _inputs((5, 6, 2))
+    x1[1] = x1[0] * (1 + 1e-4)  # nearly collinear samples: ρ ≈ 1 off the diagonal
+
+    def run(lib, x, y):
+        kf = lib.serial(_conv(lib, spec(lib)), spec(lib), lib.Flatten(), lib.Dense(1))[2]
+        return kf(x, y, ("nngp", "ntk"))
+
+    truth = run(st, x1, x2)
+    jax.config.update("jax_enable_x64", False)
+    try:
+        ours = run(st, x1.astype(np.float32), x2.astype(np.float32))
+        theirs = run(nt, x1.astype(np.float32), x2.astype(np.float32))
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    for o, t, w in zip(ours, theirs, truth):
+        assert o.dtype == jnp.float32
+        eps = 8 * np.finfo(np.float32).eps
+        assert _rel_err(o, w) <= 2 * _rel_err(t, w) + eps, (_rel_err(o, w), _rel_err(t, w))
 
 
 @pytest.mark.parametrize("degree", [0, 1, 2, 3])
