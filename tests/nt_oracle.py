@@ -25,6 +25,6 @@ def load_nt_stax():
         bare = types.ModuleType("neural_tangents")
         bare.__path__ = list(spec.submodule_search_locations)
         sys.modules["neural_tangents"] = bare
-    import neural_tangents.stax as stax  # noqa: E402 - after the bypass above
+    from neural_tangents import stax
 
     return stax

@@ -15,7 +15,6 @@ import warnings
 
 import numpy as np
 import pytest
-from nt_oracle import load_nt_stax
 
 X_IMG = np.random.RandomState(0).standard_normal((2, 5, 6, 3))
 X_VEC = np.random.RandomState(1).standard_normal((2, 3))
@@ -337,18 +336,6 @@ CASES = [
 ]
 
 IDS = [c[0] for c in CASES]
-
-
-@pytest.fixture(scope="module")
-def nt_stax():
-    return load_nt_stax()
-
-
-@pytest.fixture(scope="module")
-def nf_stax():
-    import ntfast.stax
-
-    return ntfast.stax
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

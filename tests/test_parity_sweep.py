@@ -22,23 +22,10 @@ import warnings
 import archs
 import numpy as np
 import pytest
-from nt_oracle import load_nt_stax
 
 N_ARCHS = 128
 SPECS = archs.make_archs(N_ARCHS, seed=0)
 RTOL = 1e-6
-
-
-@pytest.fixture(scope="module")
-def nt_stax():
-    return load_nt_stax()
-
-
-@pytest.fixture(scope="module")
-def nf_stax():
-    import ntfast.stax
-
-    return ntfast.stax
 
 
 def _run(spec, stax, jit=True):

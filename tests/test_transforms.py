@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from nt_oracle import load_nt_stax
 
 RTOL = 1e-6
 
@@ -72,18 +71,6 @@ NETS = [
     ("layernorm_1d", _layernorm_1d, (3, 7, 2), 2, True),
 ]
 IDS = [n[0] for n in NETS]
-
-
-@pytest.fixture(scope="module")
-def nt_stax():
-    return load_nt_stax()
-
-
-@pytest.fixture(scope="module")
-def nf_stax():
-    import ntfast.stax
-
-    return ntfast.stax
 
 
 def _kernel_fns(net, nt_stax, nf_stax):

@@ -96,7 +96,9 @@ def _map_kernel(k: Kernel, kind: str, params: dict, diag_variance: bool = True) 
     def own(cov, var):
         if cov is None:
             return None
-        if k.diagonal_batch and k.diagonal_spatial and diag_variance:
+        # Per-sample variances only (batch-diagonal, and diagonal-spatial or no spatial axes,
+        # e.g. after Flatten): E[f(u)²] directly, no arc-cosine.
+        if k.diagonal_batch and (k.diagonal_spatial or cov.ndim == 1) and diag_variance:
             return nonlin_variance(kind, cov, **params)
         start = 1 if k.diagonal_batch else 0
         return nonlin(kind, cov, *pair(var, var, start), **params)[0]

@@ -14,13 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from archs import compare
-from nt_oracle import load_nt_stax
+from parity import LIBS, assert_parity, assert_same_init_apply
 
 import ntfast.stax as ours
-
-nts = load_nt_stax()
-LIBS = (ours, nts)
 
 
 def _x(dn_lhs, sizes, n, c=2, seed=0):
@@ -28,40 +24,6 @@ def _x(dn_lhs, sizes, n, c=2, seed=0):
     dims = {"N": n, "C": c, **sizes}
     shape = tuple(dims[ch] for ch in dn_lhs)
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
-
-
-def _kernel(kernel_fn, x1, x2, **kw):
-    """``kernel_fn(x1, x2, **kw)`` under one ``jax.jit``: one compilation per network instead of
-    one per eager op (both libraries), which keeps these tests fast."""
-    if x2 is None:
-        return jax.jit(lambda a: kernel_fn(a, None, **kw))(x1)
-    return jax.jit(lambda a, b: kernel_fn(a, b, **kw))(x1, x2)
-
-
-def assert_parity(make, x1, x2=None, **kw):
-    mine, theirs = (_kernel(make(s_)[2], x1, x2, **kw) for s_ in LIBS)
-    problems = compare(mine, theirs, rtol=1e-6)
-    assert not problems, problems
-    return mine
-
-
-def assert_same_init_apply(make, x, **apply_kw):
-    outs = []
-    for s_ in LIBS:
-        init_fn, apply_fn, _ = make(s_)[:3]
-        shape, params = init_fn(jax.random.PRNGKey(3), x.shape)
-        y = jax.jit(lambda p, v, f=apply_fn: f(p, v, **apply_kw))(params, x)
-        outs.append((tuple(shape), params, y))
-    (s1, p1, y1), (s2, p2, y2) = outs
-    assert s1 == s2
-    assert jax.tree.structure(p1) == jax.tree.structure(p2)
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_allclose(a, b, rtol=1e-12)
-    for a, b in zip(jax.tree.leaves(y1), jax.tree.leaves(y2)):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    assert tuple(jax.tree.leaves(y1)[0].shape) == s1
-    return p1, y1
 
 
 # (dimension_numbers, spatial sizes). Odd sizes; permutations of spatial axes between specs.

@@ -13,12 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from archs import compare
-from nt_oracle import load_nt_stax
+from parity import LIBS, assert_parity, assert_same_init_apply
 
 import ntfast.stax as ours
-
-nts = load_nt_stax()
-LIBS = (ours, nts)
 
 
 def _x(shape, seed=0):
@@ -31,33 +28,6 @@ def _x2_of(shape, batch_axis, n2, seed=1):
     s = list(shape)
     s[batch_axis] = n2
     return _x(tuple(s), seed)
-
-
-def _kernels(make, x1, x2=None, **kw):
-    """``kernel_fn`` of the network ``make(stax)`` in ntfast and in NT."""
-    return [make(s)[2](x1, x2, **kw) for s in LIBS]
-
-
-def assert_parity(make, x1, x2=None, **kw):
-    mine, theirs = _kernels(make, x1, x2, **kw)
-    problems = compare(mine, theirs, rtol=1e-6)
-    assert not problems, problems
-    return mine
-
-
-def assert_same_init_apply(make, x, **apply_kw):
-    outs = []
-    for s in LIBS:
-        init_fn, apply_fn, _ = make(s)[:3]
-        shape, params = init_fn(jax.random.PRNGKey(3), x.shape)
-        outs.append((tuple(shape), params, apply_fn(params, x, **apply_kw)))
-    (s1, p1, y1), (s2, p2, y2) = outs
-    assert s1 == s2
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(a, b, rtol=1e-12)
-    for a, b in zip(jax.tree.leaves(y1), jax.tree.leaves(y2)):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-    assert tuple(np.shape(jax.tree.leaves(y1)[0])) == s1 or isinstance(s1[0], tuple)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,7 +104,7 @@ def test_dense_get_and_masks():
     assert k.mask1.shape == (3, 4, 1) and bool(k.mask1[0, 1, 0])
     # Masked positions have zero covariance with everything (remask_kernel=True).
     assert float(jnp.abs(k.nngp[0, :, 1]).max()) == 0.0
-    mine, theirs = _kernels(make, x1, x2, get=("nngp", "ntk"))
+    mine, theirs = (make(s)[2](x1, x2, get=("nngp", "ntk")) for s in LIBS)
     assert not compare(mine, theirs)
 
 
@@ -373,4 +343,4 @@ def test_slice_helper():
     assert ours.Slice[1:10, :, ::-1] == (slice(1, 10), slice(None), slice(None, None, -1))
     assert ours.Slice[2] == 2
     assert ours.Slice[..., 0] == (Ellipsis, 0)
-    assert ours.Slice[1:10, :, ::-1] == nts.Slice[1:10, :, ::-1]
+    assert ours.Slice[1:10, :, ::-1] == LIBS[1].Slice[1:10, :, ::-1]

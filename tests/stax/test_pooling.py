@@ -9,53 +9,16 @@ NT's shapes and outputs; errors match NT's (or name the argument where NT's mess
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from archs import compare
-from nt_oracle import load_nt_stax
+from parity import LIBS, assert_parity, assert_same_init_apply
 
 import ntfast.stax as ours
-
-nts = load_nt_stax()
-LIBS = (ours, nts)
 
 
 def _x(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape))
-
-
-def _kernel(kernel_fn, x1, x2, **kw):
-    """``kernel_fn(x1, x2, **kw)`` under one ``jax.jit``: one compilation per network instead of
-    one per eager op (both libraries), which keeps these tests fast."""
-    if x2 is None:
-        return jax.jit(lambda a: kernel_fn(a, None, **kw))(x1)
-    return jax.jit(lambda a, b: kernel_fn(a, b, **kw))(x1, x2)
-
-
-def assert_parity(make, x1, x2=None, **kw):
-    mine, theirs = (_kernel(make(s_)[2], x1, x2, **kw) for s_ in LIBS)
-    problems = compare(mine, theirs, rtol=1e-6)
-    assert not problems, problems
-    return mine
-
-
-def assert_same_init_apply(make, x, **apply_kw):
-    outs = []
-    for s_ in LIBS:
-        init_fn, apply_fn, _ = make(s_)[:3]
-        shape, params = init_fn(jax.random.PRNGKey(3), x.shape)
-        y = jax.jit(lambda p, v, f=apply_fn: f(p, v, **apply_kw))(params, x)
-        outs.append((tuple(shape), params, y))
-    (s1, p1, y1), (s2, p2, y2) = outs
-    assert s1 == s2
-    assert jax.tree.structure(p1) == jax.tree.structure(p2)
-    for a, b in zip(jax.tree.leaves(y1), jax.tree.leaves(y2)):
-        assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13)
-    assert tuple(jax.tree.leaves(y1)[0].shape) == s1
-    return y1
 
 
 POOLS = [
