@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from ntfast import backend as _backend
+
 from .layout import materialized_transpose
 
 __all__ = ["bilinear", "input_cov", "kernel_dot_general"]
