@@ -72,7 +72,12 @@ def load_digits_split(n_train: int, n_test: int, seed: int) -> DigitsSplit:
     that the input covariance ``x·x'/C`` has order-one entries; per-pixel scaling would blow up
     the always-blank border pixels.
     """
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # the demo's data ships with scikit-learn, an optional dependency
+        raise SystemExit(
+            "The demo needs scikit-learn (its digits dataset): pip install 'ntfast[demo]'"
+        ) from e
 
     digits = load_digits()
     images = digits.images.astype(np.float32)
