@@ -573,10 +573,8 @@ _KERNEL_FIELDS = tuple(f.name for f in dataclasses.fields(Kernel))
 
 
 def _check_get(get) -> None:
-    names = (get,) if isinstance(get, str) else get
-    if not isinstance(names, (tuple, list)) or not all(isinstance(g, str) for g in names):
-        raise TypeError(f"`get` must be None, a string or a tuple of strings, got {get!r}.")
-    for g in names:
+    """Names in ``get`` must be Kernel fields (its type was checked by ``canonicalize_get``)."""
+    for g in (get,) if isinstance(get, str) else get:
         if g not in _KERNEL_FIELDS:
             raise ValueError(
                 f"`get` entry {g!r} is not a Kernel field; expected one of {_KERNEL_FIELDS}."
