@@ -1,0 +1,643 @@
+"""Hot op ``fused_cnn``: NNGP/NTK of a whole conv network, fused per tile of spatial offsets.
+
+The per-offset algorithm of DESIGN.md §2. For one pair of images the full-spatial covariance
+``K[i, i', j, j']`` of a stride-1 conv stack is stored in the *packed offset layout*::
+
+    D[δh, δw, i, j] = K[i, (i + δh) mod Lh, j, (j + δw) mod Lw]        δh, i < Lh;  δw, j < Lw
+
+on a periodic grid ``L = H + g`` whose last ``g`` rows/columns are zero (the zero padding of SAME
+convolutions; ``g = 0`` for CIRCULAR). Every entry of ``D`` is one entry of ``K`` (no waste beyond
+the ``g`` margin) and a stride-1 conv keeps the offset: ``K'[i, i'] = 1/f Σ_a K[i+a-lo, i'+a-lo]``
+is a circular box filter of ``D`` along ``i`` (and ``j``) for every ``(δh, δw)`` independently.
+Nonlinearities are pointwise given the per-image variance maps ``V1[i, j]`` and
+``V2[(i + δh) mod L, (j + δw) mod L]``. So a tile of ``δh`` rows runs through every conv /
+nonlinearity / Dense step of a segment on its own, from the input images (``D0 = x1·x2ᵀ / C``
+per offset) to the readout, with memory ``O(tile · Lw · Lh · Lw)`` per pair instead of NT's
+several ``O((HW)²)`` arrays per layer. The variance maps of every layer are computed once per
+image from the ``δ = 0`` row only (``O(HW)`` per layer).
+
+Only pooling couples offsets: a segment that ends in ``AvgPool``/``SumPool`` produces every
+offset (tile by tile), unpacks them to NT's zipped layout, pools with :func:`ntfast.ops.pool.pool_cov`
+and packs the (smaller) result as the next segment's input; the next segment's variance maps come
+from each image's own (self-pair) pooled covariance. Readouts: ``GAP``/``GSP`` sum every entry
+(``mean``/``sum`` over ``(HW)²``), ``FLATTEN`` needs only ``δ = 0`` (``O(HW)`` per pair).
+
+Op (registered backends implement exactly this signature; static arguments are keywords)::
+
+    fused_cnn(x1, x2, *, plan, pairs, compute_ntk, tile=None, pair_block=None, backend=None)
+        -> (nngp (P,), ntk (P,) or None)
+
+``x1``, ``x2``: ``(M1, H, W, C)`` / ``(M2, H, W, C)`` NHWC images (``x2=None``: ``x2 = x1``);
+``pairs``: static ``(ia, ib)`` index tuples (``P`` pairs, ``ia`` into ``x1``, ``ib`` into ``x2``);
+``plan``: a tuple of the step dataclasses below ending in one :class:`Readout`.
+``tile``: ``δh`` rows per tile (memory knob; ``None``: :func:`auto_tile`); ``pair_block``: pairs
+evaluated together (``None``: automatic). The result does not depend on ``tile``/``pair_block``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ntfast import backend as _backend
+from ntfast.ops.conv import PADDINGS, padding_name, same_pads
+from ntfast.ops.nonlin import nonlin
+from ntfast.ops.pool import pool_cov
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvStep:
+    """Stride-1 shared-weight conv (``ntfast.stax.Conv``): ``K' = w·box(K) + b``; NTK param
+    ``Θ' = w·box(Θ) + K'``, standard ``Θ' = ntk_scale·box(K) + w·box(Θ) [+ 1 if b]``."""
+
+    filter_shape: tuple[int, int]
+    padding: str
+    w_var: float
+    b_var: float | None
+    ntk_scale: float | None = None  # None: NTK parameterization; else fan_in / s0 (standard)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseStep:
+    """Channel-wise Dense (``ntfast.stax.Dense`` on the channel axis): pointwise affine map."""
+
+    w_var: float
+    b_var: float | None
+    ntk_scale: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NonlinStep:
+    """Elementwise nonlinearity: ``ntfast.ops.nonlin.nonlin(kind, q12, q11, q22, ntk, **params)``."""
+
+    kind: str
+    params: tuple = ()  # sorted (name, value) items (hashable)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolStep:
+    """``AvgPool``/``SumPool``: arguments of :func:`ntfast.ops.pool.pool_cov`."""
+
+    window_shape: tuple[int, int]
+    strides: tuple[int, int]
+    padding: str
+    pool_type: str
+    normalize_edges: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Readout:
+    """``"GAP"`` (mean of all ``(HW)²`` entries), ``"GSP"`` (sum), ``"FLATTEN"`` (diagonal mean)."""
+
+    kind: str
+
+
+READOUTS = ("GAP", "GSP", "FLATTEN")
+Step = ConvStep | DenseStep | NonlinStep | PoolStep
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan analysis (pure Python, static).
+
+
+@dataclasses.dataclass(frozen=True)
+class _Segment:
+    steps: tuple  # ConvStep | DenseStep | NonlinStep
+    end: PoolStep | Readout
+    size_in: tuple[int, int]  # valid spatial size (H, W) entering the segment
+    grid: tuple[int, int]  # periodic grid (Lh, Lw)
+    sizes: tuple  # valid (H, W) after each step
+    pads: tuple  # per conv step: ((lo_h, fh), (lo_w, fw)); None for other steps
+
+
+def check_plan(plan) -> None:
+    """ValueError unless ``plan`` is a tuple of steps ending in exactly one :class:`Readout`."""
+    if not isinstance(plan, tuple) or not plan or not isinstance(plan[-1], Readout):
+        raise ValueError(f"`plan` must be a tuple of steps ending in a Readout, got {plan!r}.")
+    for s in plan[:-1]:
+        if not isinstance(s, (ConvStep, DenseStep, NonlinStep, PoolStep)):
+            raise TypeError(f"`plan` has an unsupported step {s!r}.")
+    if plan[-1].kind not in READOUTS:
+        raise ValueError(f"Readout kind must be one of {READOUTS}, got {plan[-1].kind!r}.")
+    for s in plan:
+        if isinstance(s, (ConvStep, PoolStep)) and padding_name(s.padding) not in PADDINGS:
+            raise ValueError(f"unsupported padding in {s!r}.")
+
+
+def _pool_out(size: int, window: int, stride: int, padding: str) -> int:
+    if padding == "VALID":
+        return (size - window) // stride + 1
+    return -(-size // stride)
+
+
+def segments(plan, size: tuple[int, int]) -> tuple[_Segment, ...]:
+    """Splits ``plan`` at poolings; sizes, periodic grids and conv pads of each segment.
+
+    Raises ValueError if a segment mixes CIRCULAR with other conv paddings (no common grid) or a
+    VALID window empties the image.
+    """
+    check_plan(plan)
+    out, steps, start = [], [], tuple(size)
+    cur = tuple(size)
+    for s in plan:
+        if isinstance(s, (PoolStep, Readout)):
+            out.append(_make_segment(tuple(steps), s, start))
+            if isinstance(s, PoolStep):
+                cur = out[-1].sizes[-1] if out[-1].sizes else start
+                pad = padding_name(s.padding)
+                cur = tuple(
+                    _pool_out(cur[a], s.window_shape[a], s.strides[a], pad) for a in range(2)
+                )
+                if min(cur) < 1:
+                    raise ValueError(f"pooling {s!r} leaves no spatial entries.")
+                start, steps = cur, []
+            continue
+        steps.append(s)
+    return tuple(out)
+
+
+def _make_segment(steps, end, size_in) -> _Segment:
+    paddings = {padding_name(s.padding) for s in steps if isinstance(s, ConvStep)}
+    if "CIRCULAR" in paddings and len(paddings) > 1:
+        raise ValueError("a fused segment cannot mix CIRCULAR with other conv paddings.")
+    circular = paddings == {"CIRCULAR"}
+    cur, sizes, pads, margin = list(size_in), [], [], [0, 0]
+    for s in steps:
+        if isinstance(s, ConvStep):
+            p = padding_name(s.padding)
+            pad = []
+            for a in range(2):
+                f = s.filter_shape[a]
+                if p == "VALID":
+                    lo = 0
+                    cur[a] = cur[a] - f + 1
+                    if cur[a] < 1:
+                        raise ValueError(f"VALID conv {s!r} leaves no spatial entries.")
+                else:
+                    lo, hi = same_pads(cur[a], f, 1)
+                    if not circular:
+                        margin[a] = max(margin[a], lo, hi)
+                pad.append((lo, f))
+            pads.append(tuple(pad))
+        else:
+            pads.append(None)
+        sizes.append(tuple(cur))
+    if circular:
+        # Periodic grid of exactly the image: index (i + a - lo) mod H is NT's wrap padding (also
+        # for filters larger than the image, which wrap more than once).
+        grid = tuple(size_in)
+    else:
+        grid = (size_in[0] + margin[0], size_in[1] + margin[1])
+    return _Segment(tuple(steps), end, tuple(size_in), grid, tuple(sizes), tuple(pads))
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed-layout primitives for one pair. A tile holds the rows ``dh`` (traced, ``(t,)``) and the
+# columns ``dw`` (static numpy, all ``Lw`` offsets, or ``[0]`` for a Flatten readout); arrays are
+# ``(t, len(dw), Lh, Lw)`` = ``[δh, δw, i, j]``.
+
+
+def _box(d, axis: int, lo: int, f: int):
+    """``out[i] = 1/f Σ_{a<f} d[(i + a - lo) mod L]`` along ``axis`` (circular box filter)."""
+    n = d.shape[axis]
+    out = None
+    for a in range(f):
+        shift = (lo - a) % n
+        r = jnp.roll(d, shift, axis) if shift else d
+        out = r if out is None else out + r
+    return out * (1.0 / f)
+
+
+def _rows(dh, lh):
+    """``(t, Lh)`` partner rows ``(i + δh) mod Lh``."""
+    return (dh[:, None] + jnp.arange(lh)[None, :]) % lh
+
+
+def _cols(dw, lw):
+    """``(len(dw), Lw)`` partner columns ``(j + δw) mod Lw`` (static)."""
+    return (np.asarray(dw)[:, None] + np.arange(lw)[None, :]) % lw
+
+
+def _valid_mask(dh, dw, grid, size, dtype):
+    """1 where both positions of a packed entry lie in the valid ``size`` region, else 0."""
+    (lh, lw), (hv, wv) = grid, size
+    mh = (jnp.arange(lh)[None, :] < hv) & (_rows(dh, lh) < hv)  # (t, Lh)
+    mw = (np.arange(lw)[None, :] < wv) & (_cols(dw, lw) < wv)  # (dw, Lw)
+    return mh.astype(dtype)[:, None, :, None] * jnp.asarray(mw, dtype)[None, :, None, :]
+
+
+def _partner(v, dh, dw, grid):
+    """``v[(i + δh) mod Lh, (j + δw) mod Lw]`` as ``(t, len(dw), Lh, Lw)``."""
+    rows = v[_rows(dh, grid[0])]  # (t, Lh, Lw)
+    return jnp.moveaxis(rows[:, :, _cols(dw, grid[1])], 2, 1)  # (t, dw, Lh, Lw)
+
+
+def _pad_to(v, grid, fill=0.0):
+    """Pads the last two (spatial) axes of ``v`` up to ``grid`` with ``fill``."""
+    ph, pw = grid[0] - v.shape[-2], grid[1] - v.shape[-1]
+    widths = [(0, 0)] * (v.ndim - 2) + [(0, ph), (0, pw)]
+    return jnp.pad(v, widths, constant_values=fill)
+
+
+def _region(grid, size, dtype):
+    hv, wv = size
+    mh = (np.arange(grid[0]) < hv)[:, None]
+    mw = (np.arange(grid[1]) < wv)[None, :]
+    return jnp.asarray(mh & mw, dtype)
+
+
+def _conv_box(x, pad):
+    (lo_h, fh), (lo_w, fw) = pad
+    return _box(_box(x, -2, lo_h, fh), -1, lo_w, fw)
+
+
+def _affine(s, d, t, m):
+    """Conv (after its box filter ``d``/``t``) or Dense step on a pair: new ``(nngp, ntk)``."""
+    # Masked after every step: a box filter spreads valid entries into the zero margin, and the
+    # biases must not fill it.
+    nd = s.w_var * d
+    if s.b_var is not None:
+        nd = nd + s.b_var
+    nd = nd * m
+    if t is None:
+        return nd, None
+    if s.ntk_scale is None:
+        return nd, nd + s.w_var * t * m
+    nt = s.ntk_scale * d + s.w_var * t
+    if s.b_var is not None:
+        nt = nt + 1.0
+    return nd, nt * m
+
+
+def _run_steps(seg, d, t, dh, dw, var1, var2):
+    """Runs the steps of ``seg`` on one pair's tile ``(nngp, ntk)``.
+
+    ``var1``/``var2``: per nonlinearity, the ``(Lh, Lw)`` variance maps of the two images.
+    """
+    k = 0
+    for s, size, pad in zip(seg.steps, seg.sizes, seg.pads):
+        m = _valid_mask(dh, dw, seg.grid, size, d.dtype)
+        if isinstance(s, ConvStep):
+            d, t = _affine(s, _conv_box(d, pad), None if t is None else _conv_box(t, pad), m)
+        elif isinstance(s, DenseStep):
+            d, t = _affine(s, d, t, m)
+        else:
+            q11 = var1[k][None, None]
+            q22 = _partner(var2[k], dh, dw, seg.grid)
+            d, t = nonlin(s.kind, d, q11, q22, t, **dict(s.params))
+            d = d * m
+            t = None if t is None else t * m
+            k += 1
+    return d, t
+
+
+def _variance_chain(seg, v0):
+    """Variance maps entering each nonlinearity of ``seg`` for one image (``δ = 0`` only).
+
+    ``v0``: ``(Lh, Lw)`` diagonal ``K[i, i, j, j]`` of the image's own segment input (0 outside
+    the valid region). Returns the maps, 1 outside the valid region (NaN-safe, masked later).
+    """
+    out, v, size = [], v0, seg.size_in
+    for s, size_next, pad in zip(seg.steps, seg.sizes, seg.pads):
+        if isinstance(s, ConvStep):
+            v = s.w_var * _conv_box(v, pad) + (0.0 if s.b_var is None else s.b_var)
+        elif isinstance(s, DenseStep):
+            v = s.w_var * v + (0.0 if s.b_var is None else s.b_var)
+        else:
+            r = _region(seg.grid, size, v.dtype)
+            vf = v * r + (1 - r)
+            out.append(vf)
+            v = nonlin(s.kind, vf, vf, vf, **dict(s.params))[0]
+        size = size_next
+        v = v * _region(seg.grid, size, v.dtype)
+    return out
+
+
+def _images_tile(x1p, x2p, dh, dw, grid):
+    """``D0[t, δw, i, j] = Σ_c x1[i, j, c]·x2[(i+δh) mod L, (j+δw) mod L, c] / C``."""
+    rows = x2p[_rows(dh, grid[0])]  # (t, Lh, Lw, C)
+    x2s = rows[:, :, _cols(dw, grid[1])]  # (t, Lh, dw, Lw, C)
+    return jnp.einsum("ijc,tidjc->tdij", x1p, x2s) / x1p.shape[-1]
+
+
+def _pack_tile(k, dh, dw, grid, size):
+    """Packed rows ``dh`` of a zipped full covariance ``k`` ``(H, H', W, W')`` of valid ``size``."""
+    (lh, lw), (hv, wv) = grid, size
+    i = jnp.arange(lh)
+    j = np.arange(lw)
+    ih = _rows(dh, lh)  # (t, Lh)
+    jw = _cols(dw, lw)  # (dw, Lw)
+    ok = ((i[None, :] < hv) & (ih < hv))[:, None, :, None] & jnp.asarray(
+        (j[None, :] < wv) & (jw < wv)
+    )[None, :, None, :]
+    a = jnp.minimum(i, hv - 1)[None, None, :, None]
+    b = jnp.minimum(ih, hv - 1)[:, None, :, None]
+    c = np.minimum(j, wv - 1)[None, None, None, :]
+    e = np.minimum(jw, wv - 1)[None, :, None, :]
+    return jnp.where(ok, k[a, b, c, e], 0)
+
+
+def _unpack(d, grid, size):
+    """Zipped full covariance ``K[i, i', j, j']`` ``(H, H', W, W')`` from the packed ``d``."""
+    (lh, lw), (hv, wv) = grid, size
+    i = np.arange(hv)
+    j = np.arange(wv)
+    dhi = (i[None, :] - i[:, None]) % lh  # (i, i')
+    dwj = (j[None, :] - j[:, None]) % lw  # (j, j')
+    return d[
+        dhi[:, :, None, None], dwj[None, None, :, :], i[:, None, None, None], j[None, None, :, None]
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiling.
+
+# Working set of one tile, in entries per array: ~1 MiB of f32 keeps a step's operands in the L2
+# cache of a CPU core (bench/bench_fused.py measures the effect).
+_TILE_ENTRIES = 1 << 18
+# Live arrays of one tile at the peak of a step (operands, f conv taps, nonlinearity terms).
+_LIVE_ARRAYS = 40
+
+
+def memory_budget() -> int:
+    """Bytes the fused path may use for tiles: ``NTFAST_FUSED_MEMORY`` or 1/4 of physical memory."""
+    env = os.environ.get("NTFAST_FUSED_MEMORY")
+    if env:
+        try:
+            value = int(float(env))
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise ValueError(
+                f"NTFAST_FUSED_MEMORY must be a positive number of bytes, got {env!r}."
+            )
+        return value
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def auto_tile(grid: tuple[int, int], itemsize: int = 4, memory_bytes: int | None = None) -> int:
+    """``δh`` rows per tile: about ``_TILE_ENTRIES`` entries, within ``memory_bytes`` for the
+    ``_LIVE_ARRAYS`` live arrays of a tile (never less than one row)."""
+    lh, lw = grid
+    row = lw * lh * lw
+    budget = memory_budget() if memory_bytes is None else memory_bytes
+    cap = max(1, int(budget // (_LIVE_ARRAYS * itemsize * row)))
+    return max(1, min(lh, cap, _TILE_ENTRIES // row or 1))
+
+
+def _tiles(lh: int, tile: int):
+    """``(n_tiles, tile)`` row indices covering ``0..lh-1`` (padding rows repeat the last one)
+    and their weights (0 for padding rows)."""
+    n = -(-lh // tile)
+    rows = np.arange(n * tile)
+    return np.minimum(rows, lh - 1).reshape(n, tile), (rows < lh).reshape(n, tile)
+
+
+# ----------------------------------------------------------------------------------------------
+# One pair through the whole plan.
+
+
+def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int):
+    """One pair through one segment, tile by tile.
+
+    ``src``: ``("images", x1p, x2p)`` (``(Lh, Lw, C)`` zero-padded images) or ``("full", kn, kt)``
+    (zipped ``(H, H', W, W')`` covariances of the valid input size). Returns the readout scalars
+    ``(nngp, ntk)`` or the pooled zipped covariances ``(nngp, ntk)`` (``ntk`` None if not computed).
+    """
+    lh, lw = seg.grid
+    readout = seg.end if isinstance(seg.end, Readout) else None
+    size_out = seg.sizes[-1] if seg.sizes else seg.size_in
+    if readout is not None and readout.kind == "FLATTEN":
+        # Flatten reads the spatial diagonal only: the δ = 0 row and column suffice.
+        dw = np.zeros(1, np.int32)
+        rows, weights = np.zeros((1, 1), np.int32), np.ones((1, 1), bool)
+    else:
+        dw = np.arange(lw)
+        rows, weights = _tiles(lh, tile)
+
+    def tile_fn(args):
+        dh, w = args
+        if src[0] == "images":
+            d = _images_tile(src[1], src[2], dh, dw, seg.grid)
+            t = jnp.zeros_like(d) if compute_ntk else None
+        else:
+            d = _pack_tile(src[1], dh, dw, seg.grid, seg.size_in)
+            t = _pack_tile(src[2], dh, dw, seg.grid, seg.size_in) if compute_ntk else None
+        d, t = _run_steps(seg, d, t, dh, dw, var1, var2)
+        if readout is None:
+            return d, t
+        w = w.astype(d.dtype)[:, None, None, None]
+        return jnp.sum(d * w), None if t is None else jnp.sum(t * w)
+
+    d, t = lax.map(tile_fn, (jnp.asarray(rows), jnp.asarray(weights)))
+    if readout is not None:
+        d = jnp.sum(d)
+        t = None if t is None else jnp.sum(t)
+        hv, wv = size_out
+        scale = {"GAP": 1.0 / (hv * wv) ** 2, "GSP": 1.0, "FLATTEN": 1.0 / (hv * wv)}[readout.kind]
+        return d * scale, None if t is None else t * scale
+
+    def full(x):
+        x = x.reshape((-1,) + x.shape[2:])[:lh]
+        k = _unpack(x, seg.grid, size_out)[None]
+        p = seg.end
+        out = pool_cov(
+            k,
+            window_shape=p.window_shape,
+            strides=p.strides,
+            padding=p.padding,
+            pool_type=p.pool_type,
+            normalize_edges=p.normalize_edges,
+        )
+        return out[0]
+
+    return full(d), None if t is None else full(t)
+
+
+def _image_variance(x, grid):
+    """``(Lh, Lw)`` input variance map ``Σ_c x² / C`` of one ``(H, W, C)`` image, 0-padded."""
+    return _pad_to(jnp.sum(x * x, -1) / x.shape[-1], grid)
+
+
+def _self_pair(segs, x, compute_ntk, tiles):
+    """One image with itself through every segment.
+
+    Returns ``((nngp, ntk), maps)``: the readout values and, per segment, the variance maps of
+    its nonlinearities (what every pair with this image needs).
+    """
+    maps = []
+    xp = _pad_image(x, segs[0].grid)
+    src = ("images", xp, xp)
+    v0 = _image_variance(x, segs[0].grid)
+    for s, seg in enumerate(segs):
+        if s:
+            hv, wv = seg.size_in
+            kn = src[1]
+            diag = kn[np.arange(hv)[:, None], np.arange(hv)[:, None], np.arange(wv), np.arange(wv)]
+            v0 = _pad_to(diag, seg.grid)
+        vars_ = _variance_chain(seg, v0)
+        maps.append(vars_)
+        out = _segment_run(seg, src, vars_, vars_, compute_ntk, tiles[s])
+        src = ("full", *out)
+    return out, maps
+
+
+def _cross_pair(segs, x1, x2, maps1, maps2, compute_ntk, tiles):
+    """One pair of distinct images through every segment, given both images' variance maps."""
+    src = ("images", _pad_image(x1, segs[0].grid), _pad_image(x2, segs[0].grid))
+    for s, seg in enumerate(segs):
+        out = _segment_run(seg, src, maps1[s], maps2[s], compute_ntk, tiles[s])
+        src = ("full", *out)
+    return out
+
+
+def _pad_image(x, grid):
+    """``(H, W, C)`` image zero-padded to ``(Lh, Lw, C)``."""
+    return jnp.pad(x, ((0, grid[0] - x.shape[0]), (0, grid[1] - x.shape[1]), (0, 0)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The op.
+
+
+def _block(n_items: int, entries_per_item: int, pair_block: int | None) -> int:
+    if pair_block is not None:
+        return max(1, min(int(pair_block), max(n_items, 1)))
+    return max(1, min(max(n_items, 1), _TILE_ENTRIES // max(entries_per_item, 1)))
+
+
+@_backend.register("fused_cnn", "xla")
+def fused_cnn_reference(
+    x1,
+    x2=None,
+    *,
+    plan,
+    compute_ntk: bool = True,
+    compute_cov: bool = True,
+    tile: int | None = None,
+    pair_block: int | None = None,
+):
+    """Pure-XLA reference of :func:`fused_cnn` (the definition); traceable, not jitted."""
+    segs = segments(plan, tuple(x1.shape[1:3]))
+    itemsize = jnp.dtype(x1.dtype).itemsize
+    tiles = [tile or auto_tile(seg.grid, itemsize) for seg in segs]
+    sym = x2 is None
+    n1 = x1.shape[0]
+    xs = x1 if sym else jnp.concatenate([x1, x2])
+    # Entries of one pair's tile in the largest segment: sets how many pairs run together.
+    work = max(
+        (1 if isinstance(s.end, Readout) and s.end.kind == "FLATTEN" else t * s.grid[1])
+        * s.grid[0]
+        * s.grid[1]
+        for s, t in zip(segs, tiles)
+    )
+    block = _block(xs.shape[0], work, pair_block)
+
+    need_self = sym or compute_cov or len(segs) > 1
+    if need_self:
+        (self_nngp, self_ntk), maps = lax.map(
+            lambda x: _self_pair(segs, x, compute_ntk, tiles), xs, batch_size=block
+        )
+    else:
+        maps = [jax.vmap(lambda x: _variance_chain(segs[0], _image_variance(x, segs[0].grid)))(xs)]
+        self_nngp = self_ntk = None
+
+    if sym:
+        ia, ib = np.triu_indices(n1, k=1)
+    else:
+        ia = np.repeat(np.arange(n1), x2.shape[0])
+        ib = n1 + np.tile(np.arange(x2.shape[0]), n1)
+    if ia.size:
+
+        def pair(ab):
+            a, b = ab
+            pick = lambda m, i: jax.tree_util.tree_map(lambda v: v[i], m)
+            return _cross_pair(segs, xs[a], xs[b], pick(maps, a), pick(maps, b), compute_ntk, tiles)
+
+        cross_nngp, cross_ntk = lax.map(
+            pair, (jnp.asarray(ia), jnp.asarray(ib)), batch_size=_block(ia.size, work, pair_block)
+        )
+    else:
+        cross_nngp = jnp.zeros((0,), x1.dtype)
+        cross_ntk = jnp.zeros((0,), x1.dtype) if compute_ntk else None
+
+    def assemble(cross, diag):
+        if cross is None:
+            return None
+        if not sym:
+            return cross.reshape(n1, x2.shape[0])
+        out = jnp.zeros((n1, n1), cross.dtype)
+        out = out.at[ia, ib].set(cross).at[ib, ia].set(cross)
+        return out.at[np.arange(n1), np.arange(n1)].set(diag)
+
+    nngp = assemble(cross_nngp, self_nngp)
+    ntk = assemble(cross_ntk, self_ntk) if compute_ntk else None
+    cov1 = cov2 = None
+    if compute_cov:
+        cov1 = self_nngp[:n1]
+        cov2 = None if sym else self_nngp[n1:]
+    return nngp, ntk, cov1, cov2
+
+
+def fused_cnn(
+    x1,
+    x2=None,
+    *,
+    plan,
+    compute_ntk: bool = True,
+    compute_cov: bool = True,
+    tile: int | None = None,
+    pair_block: int | None = None,
+    backend: str | None = None,
+):
+    """NNGP (and NTK) of the conv network ``plan`` between NHWC images, fused per offset tile.
+
+    Args:
+      x1: ``(N1, H, W, C)`` images. x2: ``(N2, H, W, C)`` or ``None`` (``x2 = x1``: only the
+        upper triangle of pairs is evaluated and mirrored).
+      plan: tuple of :class:`ConvStep` / :class:`DenseStep` / :class:`NonlinStep` /
+        :class:`PoolStep` ending in one :class:`Readout` (``ntfast.stax.serial`` builds it).
+      compute_ntk: also propagate the NTK.
+      compute_cov: also return each image's own kernel value (``cov1``/``cov2``).
+      tile: ``δh`` rows per tile (memory knob); ``None`` picks :func:`auto_tile`.
+      pair_block: pairs evaluated together (``None``: automatic).
+
+    Returns:
+      ``(nngp, ntk, cov1, cov2)``: ``(N1, N2)``, ``(N1, N2)`` or None, ``(N1,)`` or None,
+      ``(N2,)`` or None (None when ``x2`` is None or ``compute_cov`` is False).
+    """
+    check_plan(plan)
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"`{name}` must be (N, H, W, C) images, got shape {np.shape(x)}.")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"`{name}` must be a real floating array, got dtype {x.dtype}.")
+    if x2 is not None and x2.shape[1:] != x1.shape[1:]:
+        raise ValueError(
+            f"`x1` and `x2` must have the same image shape, got {x1.shape[1:]} and {x2.shape[1:]}."
+        )
+    if tile is not None and (not isinstance(tile, int) or isinstance(tile, bool) or tile < 1):
+        raise ValueError(f"`tile` must be a positive int or None, got {tile!r}.")
+    if pair_block is not None and (
+        not isinstance(pair_block, int) or isinstance(pair_block, bool) or pair_block < 1
+    ):
+        raise ValueError(f"`pair_block` must be a positive int or None, got {pair_block!r}.")
+    return _backend.dispatch("fused_cnn", backend)(
+        x1,
+        x2,
+        plan=plan,
+        compute_ntk=bool(compute_ntk),
+        compute_cov=bool(compute_cov),
+        tile=tile,
+        pair_block=pair_block,
+    )
