@@ -8,12 +8,14 @@ builds on), so the same key gives the same parameters as an NT network.
 
 from __future__ import annotations
 
+import functools
 import operator as op
 import warnings
 from collections.abc import Callable
 
 from jax import lax, random
 
+from . import fused
 from .requirements import Diagonal, get_req, layer, requires
 
 
@@ -60,6 +62,10 @@ def serial(*layers):
             k = f(k, **kwargs)
         return k
 
+    # Conv networks with a spatial readout run fused per offset tile (ntfast.stax.fused).
+    pairs = tuple(zip(init_fns, kernel_fns))
+    kernel_fn.fused_step = fused.serial_step(pairs)
+    kernel_fn.fused_from_inputs = functools.partial(fused.fused_kernel, pairs, kernel_fns)
     return init_fn, apply_fn, kernel_fn
 
 

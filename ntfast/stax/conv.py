@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax, random
 
+from ..ops import fused_cnn as fc
 from ..ops.conv import conv_cov
 from .pooling import parse_padding, pool_mask, positive_ints, window_strides, wrap_pad_same
 from .requirements import Bool, Diagonal, Padding, layer, requires, supports_masking
@@ -215,6 +216,18 @@ def Conv(
         if out_permutation != tuple(range(n)):
             out = out.transpose(out_permutation)
         return out
+
+    def fused_step(input_shape):
+        # Stride-1 2-D convs on channels-last images with spatial axes kept in order.
+        if n != 2 or any(v != 1 for v in strides) or len(input_shape) != 4:
+            return None
+        if lhs_spec[0] != "N" or lhs_spec[-1] != "C" or out_spec != lhs_spec:
+            return None
+        scale = None if parameterization == "ntk" else fan_in(input_shape) / s[0]
+        b_var = None if b_std is None else b_std**2
+        return (fc.ConvStep(filter_kernel, padding.name, W_std**2, b_var, scale),)
+
+    kernel_fn.fused_step = fused_step
 
     def mask_fn(mask, input_shape):
         batch_axis, channel_axis = lhs_spec.index("N"), lhs_spec.index("C")

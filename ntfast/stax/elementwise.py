@@ -39,6 +39,7 @@ from jax.scipy.special import erf
 
 from .. import _utils as utils
 from ..kernel import Kernel
+from ..ops import fused_cnn as fc
 from ..ops.nonlin import nonlin, nonlin_variance
 from .requirements import Diagonal, get_diagonal, layer, requires, supports_masking
 
@@ -139,6 +140,10 @@ def _elementwise(
             on_kernel()
         k = _map_kernel(k, kind, params, diag_variance)
         return k.replace(is_gaussian=False)
+
+    if kind is not None:
+        step = (fc.NonlinStep(kind, tuple(sorted(params.items()))),)
+        kernel_fn.fused_step = lambda input_shape: step
 
     init_fn.__name__ = apply_fn.__name__ = kernel_fn.__name__ = name
     return init_fn, apply_fn, kernel_fn

@@ -18,6 +18,7 @@ from jax import lax, random
 
 from .. import _utils as utils
 from ..kernel import Kernel
+from ..ops import fused_cnn as fc
 from ..ops.dot_general import kernel_dot_general
 from .requirements import Bool, Diagonal, layer, requires, supports_masking
 
@@ -41,6 +42,8 @@ def Identity():
 
     def kernel_fn(k: Kernel, **kwargs) -> Kernel:
         return k
+
+    kernel_fn.fused_step = lambda input_shape: ()
 
     return init_fn, apply_fn, kernel_fn
 
@@ -236,6 +239,16 @@ def Dense(
 
     def mask_fn(mask, input_shape):
         return jnp.all(mask, axis=channel_axis, keepdims=True)
+
+    def fused_step(input_shape):
+        nd = len(input_shape)
+        if nd < 2 or batch_axis % nd != 0 or channel_axis % nd != nd - 1:
+            return None
+        scale = None if parameterization == "ntk" else input_shape[channel_axis] / s[0]
+        b_var = None if b_std is None else b_std**2
+        return (fc.DenseStep(W_std**2, b_var, scale),)
+
+    kernel_fn.fused_step = fused_step
 
     return init_fn, apply_fn, kernel_fn, mask_fn
 

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from .. import _utils as utils
+from ..ops import fused_cnn as fc
 from ..ops.conv import pad_axis, same_pads
 from ..ops.pool import pool_cov
 from .requirements import Bool, Diagonal, Padding, layer, mean_and_var, requires, supports_masking
@@ -259,6 +260,15 @@ def _Pool(pool_type, window_shape, strides, padding, normalize_edges, batch_axis
         _check_channel_mask(mask, channel_axis)
         return pool_mask(mask, window_shape, strides, padding, batch_axis, channel_axis)
 
+    def fused_step(input_shape):
+        if len(window_shape) != 2 or len(input_shape) != 4:
+            return None
+        if non_spatial != (0, 3):
+            return None
+        return (fc.PoolStep(window_shape, strides, padding.name, pool_type, bool(normalize_edges)),)
+
+    kernel_fn.fused_step = fused_step
+
     return init_fn, apply_fn, kernel_fn, mask_fn
 
 
@@ -344,6 +354,14 @@ def _GlobalPool(pool_type, batch_axis, channel_axis):
         _check_channel_mask(mask, channel_axis)
         return jnp.all(mask, spatial_of(mask.ndim))
 
+    def fused_step(input_shape):
+        nd = len(input_shape)
+        if nd != 4 or batch_axis % nd != 0 or channel_axis % nd != nd - 1:
+            return None
+        return (fc.Readout("GAP" if pool_type == _AVG else "GSP"),)
+
+    kernel_fn.fused_step = fused_step
+
     return init_fn, apply_fn, kernel_fn, mask_fn
 
 
@@ -407,5 +425,12 @@ def Flatten(batch_axis: int = 0, batch_axis_out: int = 0):
     def mask_fn(mask, input_shape):
         mask = jnp.broadcast_to(mask, input_shape)
         return jnp.moveaxis(mask, batch_axis, batch_axis_out).reshape(output_shape(mask.shape))
+
+    def fused_step(input_shape):
+        if len(input_shape) != 4 or batch_axis % 4 != 0:
+            return None
+        return (fc.Readout("FLATTEN"),)
+
+    kernel_fn.fused_step = fused_step
 
     return init_fn, apply_fn, kernel_fn, mask_fn

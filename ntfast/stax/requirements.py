@@ -194,6 +194,7 @@ def supports_masking(remask_kernel: bool):
 
             if _has_req(kernel_fn):
                 _set_req(kernel_fn_with_masking, get_req(kernel_fn))
+            copy_fused_attrs(kernel_fn, kernel_fn_with_masking)
             return init_fn, apply_fn_with_masking, kernel_fn_with_masking
 
         return layer_with_masking
@@ -496,10 +497,24 @@ def _materialize(tree):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+# Attributes through which layers describe themselves to the fused conv path (ntfast.stax.fused).
+FUSED_ATTRS = ("fused_step", "fused_from_inputs")
+
+
+def copy_fused_attrs(src: Callable, dst: Callable) -> None:
+    """Carries a layer's fused-path description from ``src`` to its wrapper ``dst``."""
+    for attr in FUSED_ATTRS:
+        if hasattr(src, attr):
+            setattr(dst, attr, getattr(src, attr))
+
+
 def _preprocess_kernel_fn(init_fn, apply_fn, kernel_fn) -> Callable:
     """The public ``kernel_fn``: from inputs or ``Kernel``s, with ``get`` and layout options."""
     if not _has_req(kernel_fn):
+        src = kernel_fn
         kernel_fn = requires()(kernel_fn)
+        copy_fused_attrs(src, kernel_fn)
+    fused = getattr(kernel_fn, "fused_from_inputs", None)
 
     def kernel_fn_kernel(kernel, **kwargs):
         out = _materialize(kernel_fn(kernel, **kwargs))
@@ -513,6 +528,13 @@ def _preprocess_kernel_fn(init_fn, apply_fn, kernel_fn) -> Callable:
 
         def input_fn(a, b):
             return _inputs_to_kernel(a, b, compute_ntk=compute_ntk, **reqs)
+
+        if fused is not None:
+            # Conv networks with a spatial readout: fused per offset tile (ntfast.stax.fused).
+            out = fused(x1, x2, get, input_fn, kwargs)
+            if out is not None:
+                shaped = jax.eval_shape(lambda a, b: tree_map(input_fn, a, b), x1, x2)
+                return _set_shapes(init_fn, apply_fn, shaped, out, **kwargs)
 
         kernel = _materialize(tree_map(input_fn, x1, x2))
         out = _materialize(kernel_fn(kernel, **kwargs))
@@ -566,6 +588,7 @@ def _preprocess_kernel_fn(init_fn, apply_fn, kernel_fn) -> Callable:
             )
 
     _set_req(kernel_fn_any, get_req(kernel_fn))
+    copy_fused_attrs(kernel_fn, kernel_fn_any)
     return kernel_fn_any
 
 
