@@ -203,13 +203,21 @@ def _make_segment(steps, end, size_in) -> _Segment:
 
 
 def _box(d, axis: int, lo: int, f: int):
-    """``out[i] = 1/f Σ_{a<f} d[(i + a - lo) mod L]`` along ``axis`` (circular box filter)."""
-    n = d.shape[axis]
-    out = None
-    for a in range(f):
-        shift = (lo - a) % n
-        r = jnp.roll(d, shift, axis) if shift else d
-        out = r if out is None else out + r
+    """``out[i] = 1/f Σ_{a<f} d[(i + a - lo) mod L]`` along ``axis`` (circular box filter).
+
+    A wrap pad then a ``reduce_window`` sum: XLA keeps the window sum as its own loop, where a
+    sum of ``f`` rolled copies gets fused into the next step and recomputed per tap (measured 16x
+    slower at depth 4 on a 7x33x33x33 tile).
+    """
+    if f == 1 and lo == 0:
+        return d
+    axis %= d.ndim
+    widths = [(0, 0)] * d.ndim
+    widths[axis] = (lo, f - 1 - lo)
+    window = [1] * d.ndim
+    window[axis] = f
+    dp = jnp.pad(d, widths, mode="wrap")
+    out = lax.reduce_window(dp, np.zeros((), d.dtype), lax.add, window, (1,) * d.ndim, "VALID")
     return out * (1.0 / f)
 
 
@@ -293,6 +301,9 @@ def _run_steps(seg, d, t, dh, dw, var1, var2):
             d = d * m
             t = None if t is None else t * m
             k += 1
+        # One materialized tile per step (cache-sized): otherwise XLA fuses the next conv's f
+        # shifted reads into this step and recomputes it per tap, compounding with depth.
+        d, t = lax.optimization_barrier((d, t))
     return d, t
 
 

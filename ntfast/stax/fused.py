@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntfast import _utils as utils
+from ntfast import backend as _backend
 from ntfast.ops import fused_cnn as fc
 
 FUSED_STEP = "fused_step"
@@ -178,6 +179,11 @@ def fused_kernel(layers, kernel_fns, x1, x2, get, input_fn, kwargs):
         return None  # masks, patterns, forced layouts, dropout rngs: layer by layer
     if not (jnp.issubdtype(x1.dtype, jnp.floating) and (x2 is None or x2.dtype == x1.dtype)):
         return None  # the layer path raises the proper error
+    try:
+        _backend.resolve("fused_cnn")
+    except _backend.BackendError:
+        # The requested backend has no fused kernel: its per-layer ops run instead.
+        return None
     got = layer_steps(layers, tuple(x1.shape))
     if got is None or got[1] is None:
         return None
