@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from bench.shapes import DEFAULT_SHAPE, SHAPES
+from bench.shapes import DEFAULT_OP_SHAPE, DEFAULT_SHAPE, OP_SHAPES, OP_SMOKE_SHAPE, SHAPES
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tests"))
 
@@ -24,6 +24,13 @@ def pytest_addoption(parser):
         choices=sorted(SHAPES),
         help=f"named input shape of the kernel benchmarks (bench/shapes.py; default "
         f"{DEFAULT_SHAPE}, or 'smoke' when benchmarks are disabled)",
+    )
+    parser.addoption(
+        "--op-shape",
+        default=None,
+        choices=sorted(OP_SHAPES),
+        help=f"named op shape of the op benchmarks (bench/shapes.py OP_SHAPES; default "
+        f"{DEFAULT_OP_SHAPE}, or '{OP_SMOKE_SHAPE}' when benchmarks are disabled)",
     )
 
 

@@ -11,9 +11,15 @@ Where the choice comes from, most specific first:
 4. the ``NTFAST_BACKEND`` environment variable, read when first needed;
 5. ``"auto"``.
 
-``"auto"`` takes, per op, the first backend in ``AUTO_ORDER`` that has the op registered and is
-available on this machine, and falls back silently. An explicit name never falls back: an
-unavailable backend or an op it lacks raises :class:`BackendError` naming the reason.
+``"auto"`` takes, per op, the first backend in ``AUTO_ORDER`` that has the op registered, is
+available on this machine and suits its default device (``"triton"``: a CUDA GPU only), and falls
+back silently. An explicit name never falls back: an unavailable backend or an op it lacks raises
+:class:`BackendError` naming the reason.
+
+Optional backends live in their own packages (``"triton"``: ``ntfast._triton``) and are imported
+the first time the backend is considered, so ``import ntfast`` works without Triton. ``"triton"``
+requested explicitly on a CPU (or any non-CUDA device) runs the same kernels in the Triton
+interpreter (slow; it warns once).
 """
 
 from __future__ import annotations
@@ -35,6 +41,12 @@ class BackendError(RuntimeError):
 _registry: dict[str, dict[str, Callable]] = {}
 # backend name -> zero-arg function returning None if usable here, else the reason it is not.
 _availability: dict[str, Callable[[], str | None]] = {"xla": lambda: None}
+# backend name -> zero-arg predicate: may "auto" pick it for this machine's default device?
+_auto_eligible: dict[str, Callable[[], bool]] = {}
+# Optional backends registered by importing a package on first use; the import's outcome
+# (None = imported, else the reason it failed) is remembered.
+_LAZY_PACKAGES = {"triton": "ntfast._triton"}
+_lazy_outcome: dict[str, str | None] = {}
 _global: list[str | None] = [None]
 _local = threading.local()
 
@@ -85,6 +97,62 @@ def register_availability(backend: str, check: Callable[[], str | None]) -> None
     _availability[_check_name(backend)] = check
 
 
+def _load(backend: str) -> str | None:
+    """Imports an optional backend's package once (it registers its ops); None or why it failed."""
+    if backend not in _LAZY_PACKAGES:
+        return None
+    if backend not in _lazy_outcome:
+        import importlib
+
+        try:
+            importlib.import_module(_LAZY_PACKAGES[backend])
+        except ImportError as e:
+            if e.name and not e.name.startswith("ntfast"):
+                _lazy_outcome[backend] = f"{e.name} is not installed ({e})"
+            else:
+                _lazy_outcome[backend] = f"importing {_LAZY_PACKAGES[backend]} failed: {e!r}"
+        except Exception as e:  # noqa: BLE001 - a broken optional backend must not break ntfast
+            _lazy_outcome[backend] = f"importing {_LAZY_PACKAGES[backend]} failed: {e!r}"
+        else:
+            _lazy_outcome[backend] = None
+    return _lazy_outcome[backend]
+
+
+def default_device_is_cuda() -> bool:
+    """Whether JAX's default device is an NVIDIA GPU (CUDA; not ROCm, TPU or CPU)."""
+    import jax
+
+    try:
+        device = jax.devices()[0]
+    except RuntimeError:
+        return False
+    if device.platform == "cuda":
+        return True
+    if device.platform != "gpu":
+        return False
+    return "cuda" in str(getattr(device.client, "platform_version", "")).lower()
+
+
+def _triton_unavailable_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e}); pip install 'triton>=3.7,<3.10'"
+    reason = _load("triton")
+    if reason is not None:
+        return reason
+    if default_device_is_cuda():
+        # Compiled kernels on the GPU need jax-triton; elsewhere the interpreter needs only Triton.
+        from ._triton import runtime
+
+        return runtime.cuda_lowering_unavailable_reason()
+    return None
+
+
+_availability["triton"] = _triton_unavailable_reason
+_auto_eligible["triton"] = lambda: default_device_is_cuda()  # late-bound: replaceable in tests
+
+
 def unavailable_reason(backend: str) -> str | None:
     """None if ``backend`` can run on this machine, else a human-readable reason."""
     _check_name(backend)
@@ -120,21 +188,24 @@ def register(op: str, backend: str, fn: Callable | None = None):
 def resolve(op: str, backend: str | None = None) -> str:
     """The concrete backend that will run ``op`` for the request ``backend`` (None: current flag)."""
     name = get_backend() if backend is None else _check_name(backend)
-    impls = _registry.get(op)
-    if not impls or "xla" not in impls:
+    if _registry.get(op) is None or "xla" not in _registry[op]:
         raise KeyError(f"op {op!r} has no registered XLA reference.")
     if name == "auto":
         for cand in AUTO_ORDER:
-            if cand in impls and unavailable_reason(cand) is None:
+            eligible = _auto_eligible.get(cand)
+            if cand == "xla" or (eligible is not None and not eligible()):
+                continue
+            if unavailable_reason(cand) is None and cand in _registry[op]:
                 return cand
         return "xla"
+    reason = unavailable_reason(name)  # imports an optional backend's package first
+    if reason is not None:
+        raise BackendError(f"backend {name!r} requested for op {op!r} is unavailable: {reason}.")
+    impls = _registry[op]
     if name not in impls:
         raise BackendError(
             f"backend {name!r} does not implement op {op!r} (implemented by: {sorted(impls)})."
         )
-    reason = unavailable_reason(name)
-    if reason is not None:
-        raise BackendError(f"backend {name!r} requested for op {op!r} is unavailable: {reason}.")
     return name
 
 

@@ -57,7 +57,8 @@ def test_explicit_unavailable_backend_raises_but_auto_falls_back():
     with pytest.raises(B.BackendError, match="not built in this test"):
         B.dispatch(_OP, "native")
     assert B.dispatch(_OP, "auto")() == "xla"
-    with pytest.raises(B.BackendError, match="does not implement"):
+    # Triton lacks the op (or, where it is not installed, is unavailable): an error either way.
+    with pytest.raises(B.BackendError, match="does not implement|unavailable"):
         B.dispatch(_OP, "triton")
 
 
@@ -84,3 +85,82 @@ def test_available_backends_reports_reasons():
     assert av["xla"] is None
     for name in ("triton", "native"):
         assert name in av
+
+
+# -- the Triton backend's place in the flag --------------------------------------------------------
+
+
+def test_triton_is_available_here_but_auto_stays_on_xla_off_cuda():
+    pytest.importorskip("triton", reason="needs triton: pip install 'triton>=3.7,<3.10'")
+    assert not B.default_device_is_cuda()  # this suite runs on CPU
+    assert B.unavailable_reason("triton") is None  # the interpreter serves explicit requests
+    B.register(_OP, "triton", lambda: "triton")
+    try:
+        assert B.dispatch(_OP)() == "xla"
+        assert B.dispatch(_OP, "triton")() == "triton"
+    finally:
+        B._registry[_OP].pop("triton")
+
+
+def test_auto_picks_triton_on_cuda_when_jax_triton_is_there(monkeypatch):
+    pytest.importorskip("triton", reason="needs triton: pip install 'triton>=3.7,<3.10'")
+    from ntfast._triton import runtime
+
+    monkeypatch.setattr(B, "default_device_is_cuda", lambda: True)
+    B.register(_OP, "triton", lambda: "triton")
+    try:
+        reason = runtime.jax_triton_unavailable_reason()
+        if reason is None:
+            assert B.dispatch(_OP)() == "triton"
+        else:
+            # jax 0.10: no jax-triton, so compiled kernels cannot be launched on the GPU.
+            assert "jax-triton" in B.unavailable_reason("triton")
+            assert B.dispatch(_OP)() == "xla"
+            with pytest.raises(B.BackendError, match="jax-triton"):
+                B.dispatch(_OP, "triton")
+    finally:
+        B._registry[_OP].pop("triton")
+
+
+def test_triton_missing_is_a_reason_not_a_crash(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.setattr(B, "_lazy_outcome", {})
+    reason = B.unavailable_reason("triton")
+    assert reason is not None and "Triton is not installed" in reason
+    with pytest.raises(B.BackendError, match="Triton is not installed"):
+        B.dispatch(_OP, "triton")
+    assert B.dispatch(_OP, "auto")() == "xla"
+
+
+def test_import_ntfast_without_triton_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None; sys.modules['jax_triton'] = None\n"
+        "import jax, ntfast as nt\n"
+        "_, _, kernel_fn = nt.stax.serial(nt.stax.Dense(2), nt.stax.Relu(), nt.stax.Dense(1))\n"
+        "k = kernel_fn(jax.numpy.ones((2, 3)), None, 'ntk')\n"
+        "assert k.shape == (2, 2), k.shape\n"
+        "print(nt.available_backends()['triton'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Triton is not installed" in out.stdout
+
+
+def test_triton_backend_registers_the_hot_ops_when_first_considered():
+    pytest.importorskip("triton", reason="needs triton: pip install 'triton>=3.7,<3.10'")
+    import ntfast.ops
+
+    assert B.unavailable_reason("triton") is None
+    import ntfast._triton
+
+    triton_ops = {op for op, backends in B.registered_ops().items() if "triton" in backends}
+    launchers = [m for m in ntfast._triton.LAUNCHERS if hasattr(ntfast._triton, m)]
+    assert launchers, "no Triton launcher module was imported"
+    assert triton_ops, "ntfast._triton registered no op"

@@ -144,7 +144,7 @@ def test_matches_layer_path_and_nt(name, n2, spy, nt_stax, nf_stax):
             continue
         assert _rel(a, c) <= RTOL, (field, _rel(a, c))
         assert _rel(a, b) <= RTOL, (field, _rel(a, b))
-    static = dict(nngp=0, ntk=0, cov1=0, cov2=0, x1_is_x2=0)
+    static = {"nngp": 0, "ntk": 0, "cov1": 0, "cov2": 0, "x1_is_x2": 0}
     assert out.replace(**static) == ref.replace(**static)
     assert out.shape1 == nt.shape1 and out.shape2 == nt.shape2
     assert bool(out.x1_is_x2) == bool(nt.x1_is_x2)
@@ -255,9 +255,8 @@ def test_grad_matches_layer_path(nf_stax):
 
 
 def test_options_and_arguments_are_checked(monkeypatch):
-    with pytest.raises(ValueError, match="tile"):
-        with fused.fused_options(tile=0):
-            pass
+    with pytest.raises(ValueError, match="tile"), fused.fused_options(tile=0):
+        pass
     with pytest.raises(TypeError, match="enabled"):
         fused.set_fused_options(enabled="yes")
     plan = (fc.ConvStep((3, 3), "SAME", 1.0, None), fc.Readout("GAP"))

@@ -311,9 +311,9 @@ def test_backend_flag_reaches_the_op():
     kf = _dense(st, st.Relu())[2]
     ref = kf(x1, x2, "ntk", backend="xla")
     np.testing.assert_allclose(kf(x1, x2, "ntk"), ref, rtol=1e-14)
-    if "triton" not in ntfast.backend.registered_ops().get("nonlin_abrelu", ()):
-        with pytest.raises(ntfast.BackendError):
-            kf(x1, x2, "ntk", backend="triton")
+    # "native" has no nonlinearity kernels: an explicit request must fail loudly, never fall back.
+    with pytest.raises(ntfast.BackendError):
+        kf(x1, x2, "ntk", backend="native")
 
 
 def _deep_relu_reference(x, depth, w_std, b_std):
