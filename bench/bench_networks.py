@@ -22,7 +22,9 @@ import pytest
 from bench import networks
 from bench.shapes import DEFAULT_SHAPE, SHAPES, SMOKE_SHAPE
 
-IMPLS = ("nt", "xla", "triton", "native")
+# "xla-layer": ntfast's XLA ops layer by layer (the fused per-offset conv path switched off), to
+# show what the fusion itself gains; "xla" lets serial pick the fused path where it applies.
+IMPLS = ("nt", "xla", "xla-layer", "triton", "native")
 GET = ("nngp", "ntk")
 # Each timed test aims at this many seconds of rounds (at least MIN_ROUNDS, at most MAX_ROUNDS).
 TARGET_S, MIN_ROUNDS, MAX_ROUNDS = 3.0, 3, 1000
@@ -44,6 +46,8 @@ def _stax_and_backend(impl: str):
         from ntfast import backend
     except ImportError as e:
         pytest.skip(f"ntfast.stax does not import yet: {e!r}")
+    if impl == "xla-layer":
+        return ntstax, impl
     reason = backend.unavailable_reason(impl)
     if reason is not None:
         pytest.skip(f"backend {impl!r} unavailable here: {reason}")
@@ -64,8 +68,10 @@ def _compile(kernel_fn, backend: str | None, x1, x2):
     if backend is None:
         return fn.lower(x1, x2).compile()
     from ntfast import use_backend
+    from ntfast.stax.fused import fused_options
 
-    with use_backend(backend):
+    fused = backend != "xla-layer"
+    with use_backend("xla" if backend == "xla-layer" else backend), fused_options(enabled=fused):
         return fn.lower(x1, x2).compile()
 
 
@@ -88,7 +94,7 @@ def test_kernel_entry(benchmark, request, network, impl):
     )
     shape = SHAPES[shape_name]
     stax, backend = _stax_and_backend(impl)
-    x1, x2 = (jax.device_put(x) for x in shape.inputs())
+    x1, x2 = (None if x is None else jax.device_put(x) for x in shape.inputs())
     kernel_fn = networks.build(network, stax)[2]
 
     t0 = time.perf_counter()
@@ -129,5 +135,5 @@ def test_kernel_entry(benchmark, request, network, impl):
     result = benchmark.pedantic(
         lambda: jax.block_until_ready(compiled(x1, x2)), rounds=rounds, iterations=1
     )
-    assert all(r.shape == (shape.n1, shape.n2) for r in result)
+    assert all(r.shape == (shape.n1, shape.n1 if x2 is None else shape.n2) for r in result)
     _check_agreement((network, shape_name), result)

@@ -45,6 +45,13 @@ NETWORKS = {
         ("Dense", {"out_dim": 10, "W_std": SQRT2, "b_std": 0.05}),
     ],
     "Myrtle-5": _myrtle((2, 1, 1)),
+    # The large-image issue's targets (DESIGN.md §2 cost anchors).
+    "CNN-GAP-8": [
+        *[(_conv[0], {**_conv[1], "b_std": 0.05}), _relu] * 8,
+        ("GlobalAvgPool", {}),
+        ("Dense", {"out_dim": 10, "W_std": SQRT2, "b_std": 0.05}),
+    ],
+    "Myrtle-10": _myrtle((3, 3, 3)),
 }
 
 

@@ -25,7 +25,7 @@ import json
 import sys
 from collections import defaultdict
 
-IMPL_ORDER = ("nt", "xla", "triton", "native")
+IMPL_ORDER = ("nt", "xla", "xla-layer", "triton", "native")
 
 
 def format_time(seconds: float) -> str:

@@ -31,6 +31,7 @@ class KernelShape:
     width: int
     channels: int
     dtype: str = "float32"
+    symmetric: bool = False  # x2=None: the train×train kernel (ntfast evaluates one triangle)
 
     @property
     def n_entries(self) -> int:
@@ -38,12 +39,12 @@ class KernelShape:
         return self.n1 * self.n2
 
     def inputs(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Standard-normal ``x1, x2`` (distinct images) in ``dtype``."""
+        """Standard-normal ``x1, x2`` (distinct images; ``x2`` None if symmetric) in ``dtype``."""
         rng = np.random.default_rng(seed)
         size = (self.height, self.width, self.channels)
         x1 = rng.standard_normal((self.n1, *size)).astype(self.dtype)
         x2 = rng.standard_normal((self.n2, *size)).astype(self.dtype)
-        return x1, x2
+        return x1, None if self.symmetric else x2
 
 
 SHAPES = {
@@ -51,6 +52,7 @@ SHAPES = {
     for s in (
         KernelShape("cifar-2x2", n1=2, n2=2, height=32, width=32, channels=3),
         KernelShape("cifar-4x4", n1=4, n2=4, height=32, width=32, channels=3),
+        KernelShape("cifar-4-sym", n1=4, n2=4, height=32, width=32, channels=3, symmetric=True),
         KernelShape("smoke", n1=1, n2=1, height=32, width=32, channels=3),
     )
 }

@@ -113,6 +113,7 @@ class _Segment:
     grid: tuple[int, int]  # periodic grid (Lh, Lw)
     sizes: tuple  # valid (H, W) after each step
     pads: tuple  # per conv step: ((lo_h, fh), (lo_w, fw)); None for other steps
+    circular: bool  # CIRCULAR convs: the grid is the image (no zero margin), box filters wrap
 
 
 def check_plan(plan) -> None:
@@ -193,7 +194,7 @@ def _make_segment(steps, end, size_in) -> _Segment:
         grid = tuple(size_in)
     else:
         grid = (size_in[0] + margin[0], size_in[1] + margin[1])
-    return _Segment(tuple(steps), end, tuple(size_in), grid, tuple(sizes), tuple(pads))
+    return _Segment(tuple(steps), end, tuple(size_in), grid, tuple(sizes), tuple(pads), circular)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def _make_segment(steps, end, size_in) -> _Segment:
 # ``(t, len(dw), Lh, Lw)`` = ``[δh, δw, i, j]``.
 
 
-def _box(d, axis: int, lo: int, f: int):
+def _box(d, axis: int, lo: int, f: int, circular: bool = True):
     """``out[i] = 1/f Σ_{a<f} d[(i + a - lo) mod L]`` along ``axis`` (circular box filter).
 
     A wrap pad then a ``reduce_window`` sum: XLA keeps the window sum as its own loop, where a
@@ -216,8 +217,11 @@ def _box(d, axis: int, lo: int, f: int):
     widths[axis] = (lo, f - 1 - lo)
     window = [1] * d.ndim
     window[axis] = f
-    dp = jnp.pad(d, widths, mode="wrap")
-    out = lax.reduce_window(dp, np.zeros((), d.dtype), lax.add, window, (1,) * d.ndim, "VALID")
+    if circular:
+        d, widths = jnp.pad(d, widths, mode="wrap"), [(0, 0)] * d.ndim
+    # Non-circular grids: every wrapped read lands in the zero margin (or feeds a masked
+    # output), so the window's own zero padding is the same sum without a padded copy.
+    out = lax.reduce_window(d, np.zeros((), d.dtype), lax.add, window, (1,) * d.ndim, widths)
     return out * (1.0 / f)
 
 
@@ -241,8 +245,8 @@ def _valid_mask(dh, dw, grid, size, dtype):
 
 def _partner(v, dh, dw, grid):
     """``v[(i + δh) mod Lh, (j + δw) mod Lw]`` as ``(t, len(dw), Lh, Lw)``."""
-    rows = v[_rows(dh, grid[0])]  # (t, Lh, Lw)
-    return jnp.moveaxis(rows[:, :, _cols(dw, grid[1])], 2, 1)  # (t, dw, Lh, Lw)
+    # One gather straight into the tile layout (a gather then a transpose costs a copy per step).
+    return v[_rows(dh, grid[0])[:, None, :, None], _cols(dw, grid[1])[None, :, None, :]]
 
 
 def _pad_to(v, grid, fill=0.0):
@@ -259,9 +263,9 @@ def _region(grid, size, dtype):
     return jnp.asarray(mh & mw, dtype)
 
 
-def _conv_box(x, pad):
+def _conv_box(x, pad, circular):
     (lo_h, fh), (lo_w, fw) = pad
-    return _box(_box(x, -2, lo_h, fh), -1, lo_w, fw)
+    return _box(_box(x, -2, lo_h, fh, circular), -1, lo_w, fw, circular)
 
 
 def _affine(s, d, t, m):
@@ -291,7 +295,10 @@ def _run_steps(seg, d, t, dh, dw, var1, var2):
     for s, size, pad in zip(seg.steps, seg.sizes, seg.pads):
         m = _valid_mask(dh, dw, seg.grid, size, d.dtype)
         if isinstance(s, ConvStep):
-            d, t = _affine(s, _conv_box(d, pad), None if t is None else _conv_box(t, pad), m)
+            # A 0-d ``t`` is the input layer's zero NTK: its box filter is zero too (and a
+            # full zeros array would be constant-folded through the window sums at compile time).
+            tc = t if t is None or t.ndim == 0 else _conv_box(t, pad, seg.circular)
+            d, t = _affine(s, _conv_box(d, pad, seg.circular), tc, m)
         elif isinstance(s, DenseStep):
             d, t = _affine(s, d, t, m)
         else:
@@ -316,7 +323,7 @@ def _variance_chain(seg, v0):
     out, v, size = [], v0, seg.size_in
     for s, size_next, pad in zip(seg.steps, seg.sizes, seg.pads):
         if isinstance(s, ConvStep):
-            v = s.w_var * _conv_box(v, pad) + (0.0 if s.b_var is None else s.b_var)
+            v = s.w_var * _conv_box(v, pad, seg.circular) + (0.0 if s.b_var is None else s.b_var)
         elif isinstance(s, DenseStep):
             v = s.w_var * v + (0.0 if s.b_var is None else s.b_var)
         else:
@@ -331,9 +338,9 @@ def _variance_chain(seg, v0):
 
 def _images_tile(x1p, x2p, dh, dw, grid):
     """``D0[t, δw, i, j] = Σ_c x1[i, j, c]·x2[(i+δh) mod L, (j+δw) mod L, c] / C``."""
-    rows = x2p[_rows(dh, grid[0])]  # (t, Lh, Lw, C)
-    x2s = rows[:, :, _cols(dw, grid[1])]  # (t, Lh, dw, Lw, C)
-    return jnp.einsum("ijc,tidjc->tdij", x1p, x2s) / x1p.shape[-1]
+    x2s = _partner(x2p, dh, dw, grid)  # (t, dw, Lh, Lw, C)
+    # Elementwise product and a minor-axis sum (an einsum would transpose for its dot).
+    return jnp.sum(x1p[None, None] * x2s, -1) / x1p.shape[-1]
 
 
 def _pack_tile(k, dh, dw, grid, size):
@@ -371,6 +378,8 @@ def _unpack(d, grid, size):
 # Working set of one tile, in entries per array: ~1 MiB of f32 keeps a step's operands in the L2
 # cache of a CPU core (bench/bench_fused.py measures the effect).
 _TILE_ENTRIES = 1 << 18
+# Segments ending in a pooling with at most this many tiles unroll their tile loop.
+_UNROLL_MAX = 8
 # Live arrays of one tile at the peak of a step (operands, f conv taps, nonlinearity terms).
 _LIVE_ARRAYS = 40
 
@@ -438,7 +447,7 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int):
         dh, w = args
         if src[0] == "images":
             d = _images_tile(src[1], src[2], dh, dw, seg.grid)
-            t = jnp.zeros_like(d) if compute_ntk else None
+            t = jnp.zeros((), d.dtype) if compute_ntk else None
         else:
             d = _pack_tile(src[1], dh, dw, seg.grid, seg.size_in)
             t = _pack_tile(src[2], dh, dw, seg.grid, seg.size_in) if compute_ntk else None
@@ -448,7 +457,14 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int):
         w = w.astype(d.dtype)[:, None, None, None]
         return jnp.sum(d * w), None if t is None else jnp.sum(t * w)
 
-    d, t = lax.map(tile_fn, (jnp.asarray(rows), jnp.asarray(weights)))
+    if readout is None and len(rows) <= _UNROLL_MAX:
+        # Every offset is needed: a static loop writes each tile once, where lax.map's stacked
+        # outputs cost more than the tiles' work (measured 13 ms for 5 tiles of 7x33x33x33 f32).
+        outs = [tile_fn((jnp.asarray(r), jnp.asarray(w))) for r, w in zip(rows, weights)]
+        d = jnp.stack([o[0] for o in outs])
+        t = None if outs[0][1] is None else jnp.stack([o[1] for o in outs])
+    else:
+        d, t = lax.map(tile_fn, (jnp.asarray(rows), jnp.asarray(weights)))
     if readout is not None:
         d = jnp.sum(d)
         t = None if t is None else jnp.sum(t)
@@ -457,7 +473,9 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int):
         return d * scale, None if t is None else t * scale
 
     def full(x):
-        x = x.reshape((-1,) + x.shape[2:])[:lh]
+        # Row-major copy behind a barrier (as ops.layout.materialized_transpose): otherwise the
+        # unpacking gather's preferred layout propagates back into every tile's computation.
+        x = lax.optimization_barrier(x.reshape(-1)).reshape((-1,) + x.shape[2:])[:lh]
         k = _unpack(x, seg.grid, size_out)[None]
         p = seg.end
         out = pool_cov(
