@@ -151,9 +151,12 @@ def test_matches_layer_path_and_nt(name, n2, spy, nt_stax, nf_stax):
 
 
 @pytest.mark.parametrize("get", ["nngp", ("ntk",), ("nngp", "ntk"), ("cov1", "nngp")])
-def test_get_variants_and_jit(get, spy, nf_stax):
+@pytest.mark.parametrize("name", ["cnn-gap-same", "myrtle-like"])
+def test_get_variants_and_jit(get, name, spy, nf_stax):
+    # Without cov1/cov2 and with a Dense-only head, each image's self pair runs only on the
+    # offsets the later segments' variance maps read (myrtle-like: two poolings).
     x1, x2 = _images((2, 7, 6, 3), 2), _images((3, 7, 6, 3), 3)
-    _, _, kf = _make(nf_stax, "cnn-gap-same")
+    _, _, kf = _make(nf_stax, name)
     out = jax.jit(kf, static_argnames="get")(x1, x2, get)
     assert spy
     with fused.fused_options(enabled=False):
@@ -164,6 +167,7 @@ def test_get_variants_and_jit(get, spy, nf_stax):
 
 @pytest.mark.parametrize("tile, pair_block", [(1, 1), (2, 3), (5, None), (None, 2)])
 def test_tiles_do_not_change_results(tile, pair_block):
+    # Also the variance-only self pairs (compute_cov=False) must give the same cross values.
     x1, x2 = _images((3, 8, 7, 2), 4), _images((2, 8, 7, 2), 5)
     relu = fc.NonlinStep("abrelu", (("a", 0.0), ("b", 1.0)))
     plan = (
@@ -178,6 +182,9 @@ def test_tiles_do_not_change_results(tile, pair_block):
     out = fc.fused_cnn(x1, x2, plan=plan, tile=tile, pair_block=pair_block)
     for a, b in zip(out, ref):
         assert _rel(a, b) <= 1e-12
+    lean = fc.fused_cnn(x1, x2, plan=plan, tile=tile, pair_block=pair_block, compute_cov=False)
+    assert lean[2] is None and lean[3] is None
+    assert _rel(lean[0], ref[0]) <= 1e-12 and _rel(lean[1], ref[1]) <= 1e-12
 
 
 def test_symmetric_uses_one_triangle_and_is_symmetric():

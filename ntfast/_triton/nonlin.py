@@ -449,6 +449,17 @@ def nonlin_affine(
     return _run(kind, q12, q11, q22, ntk, params, affine)
 
 
+def _register_affine(kind: str) -> None:
+    def impl(q12, q11, q22, ntk=None, **kw):
+        return nonlin_affine(kind, q12, q11, q22, ntk, **kw)
+
+    _backend.register(f"nonlin_affine_{kind}", "triton", impl)
+
+
+for _kind in _KIND_CODE:
+    _register_affine(_kind)
+
+
 # ------------------------------------------------------------------------------------------------
 # Compile proof
 

@@ -425,16 +425,37 @@ def _tiles(lh: int, tile: int):
 # One pair through the whole plan.
 
 
-def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int):
+def _cone(n: int, radius: tuple) -> np.ndarray:
+    """Packed offsets ``-r … r`` (mod ``n``) of a radius ``r`` (all of them if ``2r + 1 >= n``)."""
+    (r,) = radius
+    if 2 * r + 1 >= n:
+        return np.arange(n)
+    return np.concatenate([np.arange(r + 1), np.arange(n - r, n)])
+
+
+def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int, radius=None):
     """One pair through one segment, tile by tile.
 
     ``src``: ``("images", x1p, x2p)`` (``(Lh, Lw, C)`` zero-padded images) or ``("full", kn, kt)``
     (zipped ``(H, H', W, W')`` covariances of the valid input size). Returns the readout scalars
     ``(nngp, ntk)`` or the pooled zipped covariances ``(nngp, ntk)`` (``ntk`` None if not computed).
+    ``radius=(rh, rw)``: only offsets ``|δh| <= rh``, ``|δw| <= rw`` are computed (whole packed
+    rows and columns, so exactly); the others are left 0 — for a pooling segment whose output is
+    only read near the diagonal (:func:`_variance_radii`).
     """
     lh, lw = seg.grid
     readout = seg.end if isinstance(seg.end, Readout) else None
     size_out = seg.sizes[-1] if seg.sizes else seg.size_in
+    if radius is not None:
+        if readout is not None:
+            raise ValueError("`radius` applies to segments that end in a pooling.")
+        rows_h, dw = _cone(lh, radius[:1]), _cone(lw, radius[1:])
+        d, t = _run_rows(seg, src, var1, var2, compute_ntk, rows_h, dw)
+        zeros = jnp.zeros((lh, lw, lh, lw), d.dtype)
+        scatter = np.ix_(rows_h, dw)
+        d = zeros.at[scatter].set(d)[None]
+        t = None if t is None else zeros.at[scatter].set(t)[None]
+        return _pool_full(seg, d, size_out), None if t is None else _pool_full(seg, t, size_out)
     if readout is not None and readout.kind == "FLATTEN":
         # Flatten reads the spatial diagonal only: the δ = 0 row and column suffice.
         dw = np.zeros(1, np.int32)
@@ -445,13 +466,7 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int):
 
     def tile_fn(args):
         dh, w = args
-        if src[0] == "images":
-            d = _images_tile(src[1], src[2], dh, dw, seg.grid)
-            t = jnp.zeros((), d.dtype) if compute_ntk else None
-        else:
-            d = _pack_tile(src[1], dh, dw, seg.grid, seg.size_in)
-            t = _pack_tile(src[2], dh, dw, seg.grid, seg.size_in) if compute_ntk else None
-        d, t = _run_steps(seg, d, t, dh, dw, var1, var2)
+        d, t = _run_rows(seg, src, var1, var2, compute_ntk, dh, dw)
         if readout is None:
             return d, t
         w = w.astype(d.dtype)[:, None, None, None]
@@ -472,23 +487,37 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int):
         scale = {"GAP": 1.0 / (hv * wv) ** 2, "GSP": 1.0, "FLATTEN": 1.0 / (hv * wv)}[readout.kind]
         return d * scale, None if t is None else t * scale
 
-    def full(x):
-        # Row-major copy behind a barrier (as ops.layout.materialized_transpose): otherwise the
-        # unpacking gather's preferred layout propagates back into every tile's computation.
-        x = lax.optimization_barrier(x.reshape(-1)).reshape((-1,) + x.shape[2:])[:lh]
-        k = _unpack(x, seg.grid, size_out)[None]
-        p = seg.end
-        out = pool_cov(
-            k,
-            window_shape=p.window_shape,
-            strides=p.strides,
-            padding=p.padding,
-            pool_type=p.pool_type,
-            normalize_edges=p.normalize_edges,
-        )
-        return out[0]
+    return _pool_full(seg, d, size_out), None if t is None else _pool_full(seg, t, size_out)
 
-    return full(d), None if t is None else full(t)
+
+def _run_rows(seg, src, var1, var2, compute_ntk, dh, dw):
+    """The segment's steps on the packed rows ``dh`` and columns ``dw`` (static) of one pair."""
+    dh = jnp.asarray(dh)
+    if src[0] == "images":
+        d = _images_tile(src[1], src[2], dh, dw, seg.grid)
+        t = jnp.zeros((), d.dtype) if compute_ntk else None
+    else:
+        d = _pack_tile(src[1], dh, dw, seg.grid, seg.size_in)
+        t = _pack_tile(src[2], dh, dw, seg.grid, seg.size_in) if compute_ntk else None
+    return _run_steps(seg, d, t, dh, dw, var1, var2)
+
+
+def _pool_full(seg, x, size_out):
+    """Pools the stacked packed tiles ``x`` ``(n, t, Lw, Lh, Lw)`` of a segment's output."""
+    # Row-major copy behind a barrier (as ops.layout.materialized_transpose): otherwise the
+    # unpacking gather's preferred layout propagates back into every tile's computation.
+    x = lax.optimization_barrier(x.reshape(-1)).reshape((-1,) + x.shape[2:])[: seg.grid[0]]
+    k = _unpack(x, seg.grid, size_out)[None]
+    p = seg.end
+    out = pool_cov(
+        k,
+        window_shape=p.window_shape,
+        strides=p.strides,
+        padding=p.padding,
+        pool_type=p.pool_type,
+        normalize_edges=p.normalize_edges,
+    )
+    return out[0]
 
 
 def _image_variance(x, grid):
@@ -496,16 +525,39 @@ def _image_variance(x, grid):
     return _pad_to(jnp.sum(x * x, -1) / x.shape[-1], grid)
 
 
-def _self_pair(segs, x, compute_ntk, tiles):
+def _variance_radii(segs) -> list:
+    """Per segment, the offsets ``(rh, rw)`` of an image's self pair that the variance maps of
+    the later segments read, when the self pair's own kernel value is not needed.
+
+    A segment's maps need only the ``δ = 0`` entries of its input; a ``window × stride`` pooling
+    reads input offsets ``stride·δ' − (window − 1) … stride·δ' + (window − 1)`` for output
+    offset ``δ'`` (convs keep offsets). Segments after the last nonlinearity need nothing.
+    Returns ``None`` for segments not to run.
+    """
+    has_nl = [any(isinstance(st, NonlinStep) for st in seg.steps) for seg in segs]
+    last = max((i for i, h in enumerate(has_nl) if h), default=0)
+    radii = [None] * len(segs)
+    need = (0, 0)  # radius read at the input of segment s + 1
+    for s in range(last - 1, -1, -1):
+        p = segs[s].end
+        need = tuple(p.strides[a] * need[a] + p.window_shape[a] - 1 for a in range(2))
+        radii[s] = need
+    return radii
+
+
+def _self_pair(segs, x, compute_ntk, tiles, values: bool = True):
     """One image with itself through every segment.
 
-    Returns ``((nngp, ntk), maps)``: the readout values and, per segment, the variance maps of
-    its nonlinearities (what every pair with this image needs).
+    Returns ``((nngp, ntk), maps)``: the readout values (None if not ``values``) and, per
+    segment, the variance maps of its nonlinearities (what every pair with this image needs).
+    Without ``values`` only the offsets those maps depend on are computed (:func:`_variance_radii`).
     """
     maps = []
     xp = _pad_image(x, segs[0].grid)
     src = ("images", xp, xp)
     v0 = _image_variance(x, segs[0].grid)
+    radii = None if values else _variance_radii(segs)
+    out = (None, None)
     for s, seg in enumerate(segs):
         if s:
             hv, wv = seg.size_in
@@ -514,7 +566,13 @@ def _self_pair(segs, x, compute_ntk, tiles):
             v0 = _pad_to(diag, seg.grid)
         vars_ = _variance_chain(seg, v0)
         maps.append(vars_)
-        out = _segment_run(seg, src, vars_, vars_, compute_ntk, tiles[s])
+        if values:
+            out = _segment_run(seg, src, vars_, vars_, compute_ntk, tiles[s])
+        elif radii[s] is not None:
+            out = _segment_run(seg, src, vars_, vars_, compute_ntk, tiles[s], radius=radii[s])
+        else:
+            maps.extend([] for _ in segs[s + 1 :])
+            break
         src = ("full", *out)
     return out, maps
 
@@ -572,8 +630,12 @@ def fused_cnn_reference(
 
     need_self = sym or compute_cov or len(segs) > 1
     if need_self:
+        # Self pairs whose kernel values nobody reads only feed later segments' variance maps.
+        values = sym or compute_cov
         (self_nngp, self_ntk), maps = lax.map(
-            lambda x: _self_pair(segs, x, compute_ntk, tiles), xs, batch_size=block
+            lambda x: _self_pair(segs, x, compute_ntk and values, tiles, values),
+            xs,
+            batch_size=block,
         )
     else:
         maps = [jax.vmap(lambda x: _variance_chain(segs[0], _image_variance(x, segs[0].grid)))(xs)]

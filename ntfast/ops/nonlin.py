@@ -696,3 +696,72 @@ def nonlin_variance(kind: str, q, **params):
     op_name(kind)
     _check_params(kind, params)
     return KINDS[kind][1](jnp.asarray(q), **params)
+
+
+# ----------------------------------------------------------------------------------------------
+# A nonlinearity fused with the next Dense layer (ops ``nonlin_affine_<kind>``).
+
+
+def affine_terms(w_var, b_var, parameterization: str = "ntk", input_width=None) -> tuple:
+    """``(w, b, t_e, t_c)`` of the Dense map after a nonlinearity: ``nngp' = w·E + b`` and
+    ``ntk' = (t_e·E + t_c) + w·ntkΣ̇`` (``ntfast.stax.Dense``: NTK parameterization ``t_e, t_c =
+    w, b``; standard ``t_e = input_width = N_in / s0``, ``t_c = 1`` if there is a bias else 0)."""
+    b = 0.0 if b_var is None else b_var
+    if parameterization == "ntk":
+        return (w_var, b, w_var, b)
+    if parameterization == "standard":
+        if input_width is None:
+            raise ValueError("`input_width` (N_in / s0) is required for 'standard'.")
+        return (w_var, b, input_width, 0.0 if b_var is None else 1.0)
+    raise ValueError(f"`parameterization` must be 'ntk' or 'standard', got {parameterization!r}.")
+
+
+def _affine_reference(kind):
+    def reference(
+        q12, q11, q22, ntk=None, *, w_var, b_var=None, parameterization="ntk", input_width=None,
+        **params,
+    ):  # fmt: skip
+        """XLA definition: ``nonlin_<kind>`` then the Dense kernel map (:func:`affine_terms`)."""
+        new, ntk_dot = KINDS[kind][0](q12, q11, q22, ntk, **params)
+        w, b, t_e, t_c = affine_terms(w_var, b_var, parameterization, input_width)
+        return w * new + b, None if ntk_dot is None else (t_e * new + t_c) + w * ntk_dot
+
+    return reference
+
+
+for _kind in KINDS:
+    _backend.register(f"nonlin_affine_{_kind}", "xla", _affine_reference(_kind))
+
+
+def nonlin_affine(
+    kind: str,
+    q12,
+    q11,
+    q22,
+    ntk=None,
+    *,
+    w_var,
+    b_var=None,
+    parameterization: str = "ntk",
+    input_width=None,
+    backend: str | None = None,
+    **params,
+):
+    """:func:`nonlin` followed by a ``Dense(W_std, b_std, parameterization, s)`` kernel map, in
+    one op (one pass over the covariances for backends with a fused kernel): ``w_var = W_std²``,
+    ``b_var = b_std²`` (None: no bias), ``input_width = N_in / s[0]`` for ``"standard"``.
+    Returns ``(nngp', ntk' or None)`` (formulas in :func:`affine_terms`)."""
+    op_name(kind)
+    _check_params(kind, params)
+    affine_terms(w_var, b_var, parameterization, input_width)
+    return _backend.dispatch(f"nonlin_affine_{kind}", backend)(
+        q12,
+        q11,
+        q22,
+        ntk,
+        w_var=w_var,
+        b_var=b_var,
+        parameterization=parameterization,
+        input_width=input_width,
+        **params,
+    )

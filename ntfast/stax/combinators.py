@@ -16,6 +16,7 @@ from collections.abc import Callable
 from jax import lax, random
 
 from . import fused
+from .elementwise import fused_with_dense
 from .requirements import Diagonal, get_req, layer, requires
 
 
@@ -58,8 +59,17 @@ def serial(*layers):
 
     @requires(**_get_input_req_attr(kernel_fns, fold=op.rshift))
     def kernel_fn(k, **kwargs):
-        for f in kernel_fns:
-            k = f(k, **kwargs)
+        i = 0
+        while i < len(kernel_fns):
+            f = kernel_fns[i]
+            # A nonlinearity then a Dense layer: one fused op where the backend has one.
+            pair = None
+            if i + 1 < len(kernel_fns):
+                pair = fused_with_dense(f, kernel_fns[i + 1], k, kwargs)
+            if pair is not None:
+                k, i = pair, i + 2
+            else:
+                k, i = f(k, **kwargs), i + 1
         return k
 
     # Conv networks with a spatial readout run fused per offset tile (ntfast.stax.fused).

@@ -38,9 +38,10 @@ import numpy as np
 from jax.scipy.special import erf
 
 from .. import _utils as utils
+from .. import backend as _backend
 from ..kernel import Kernel
 from ..ops import fused_cnn as fc
-from ..ops.nonlin import nonlin, nonlin_variance
+from ..ops.nonlin import affine_terms, nonlin, nonlin_affine, nonlin_variance
 from .requirements import Diagonal, get_diagonal, layer, requires, supports_masking
 
 __all__ = [
@@ -76,11 +77,15 @@ _AUTODIFF_URL = (
 )
 
 
-def _map_kernel(k: Kernel, kind: str, params: dict, diag_variance: bool = True) -> Kernel:
+def _map_kernel(
+    k: Kernel, kind: str, params: dict, diag_variance: bool = True, affine: dict | None = None
+) -> Kernel:
     """Applies the ``kind`` expectation to ``nngp``/``ntk``/``cov1``/``cov2`` of ``k``.
 
     ``diag_variance``: use the simplified variance map for batch- and spatially-diagonal
     ``cov1``/``cov2`` (NT does so for the layers that have a ``nngp_fn_diag``).
+    ``affine``: keyword arguments of :func:`ntfast.ops.nonlin.nonlin_affine` (the next Dense
+    layer's map), applied in the same op to ``nngp``/``ntk`` and afterwards to ``cov1``/``cov2``.
     """
     var1 = get_diagonal(k.cov1, k.diagonal_batch, k.diagonal_spatial)
     var2 = var1 if k.cov2 is None else get_diagonal(k.cov2, k.diagonal_batch, k.diagonal_spatial)
@@ -92,7 +97,11 @@ def _map_kernel(k: Kernel, kind: str, params: dict, diag_variance: bool = True) 
             utils.interleave_ones(vb, start, end, False),
         )
 
-    nngp, ntk = nonlin(kind, k.nngp, *pair(var1, var2, 0), k.ntk, **params)
+    if affine is None:
+        nngp, ntk = nonlin(kind, k.nngp, *pair(var1, var2, 0), k.ntk, **params)
+    else:
+        nngp, ntk = nonlin_affine(kind, k.nngp, *pair(var1, var2, 0), k.ntk, **affine, **params)
+        w, b, _, _ = affine_terms(**affine)
 
     def own(cov, var):
         if cov is None:
@@ -100,9 +109,11 @@ def _map_kernel(k: Kernel, kind: str, params: dict, diag_variance: bool = True) 
         # Per-sample variances only (batch-diagonal, and diagonal-spatial or no spatial axes,
         # e.g. after Flatten): E[f(u)²] directly, no arc-cosine.
         if k.diagonal_batch and (k.diagonal_spatial or cov.ndim == 1) and diag_variance:
-            return nonlin_variance(kind, cov, **params)
-        start = 1 if k.diagonal_batch else 0
-        return nonlin(kind, cov, *pair(var, var, start), **params)[0]
+            out = nonlin_variance(kind, cov, **params)
+        else:
+            start = 1 if k.diagonal_batch else 0
+            out = nonlin(kind, cov, *pair(var, var, start), **params)[0]
+        return out if affine is None else w * out + b
 
     return k.replace(cov1=own(k.cov1, var1), nngp=nngp, cov2=own(k.cov2, var2), ntk=ntk)
 
@@ -144,6 +155,7 @@ def _elementwise(
     if kind is not None:
         step = (fc.NonlinStep(kind, tuple(sorted(params.items()))),)
         kernel_fn.fused_step = lambda input_shape: step
+        kernel_fn.nonlin_spec = (kind, params, diag_variance)
 
     init_fn.__name__ = apply_fn.__name__ = kernel_fn.__name__ = name
     return init_fn, apply_fn, kernel_fn
@@ -592,3 +604,31 @@ def ElementwiseNumerical(
         raise ValueError(f"`deg` must be an integer >= 1, got {deg!r}.")
     params = {"fn": fn, "deg": int(deg), "df": df}
     return _elementwise(fn, f"ElementwiseNumerical({fn},deg={deg})", "numerical", params)
+
+
+def fused_with_dense(f, g, k, kwargs):
+    """``g(f(k))`` for a nonlinearity layer ``f`` followed by a ``Dense`` layer ``g``, with the
+    nonlinearity and the Dense map in one op (``nonlin_affine_<kind>``), or None.
+
+    Used by ``serial`` when the backend in force has a fused kernel for the pair (Triton: one pass
+    over the covariances instead of two); the XLA path keeps the two layers (XLA fuses them
+    itself). The output ``Kernel``'s structure comes from ``jax.eval_shape`` of the two layers,
+    so static fields, shapes and errors are exactly those of the unfused pair.
+    """
+    spec = getattr(f, "nonlin_spec", None)
+    dense = getattr(g, "dense_affine", None)
+    if spec is None or dense is None or not isinstance(k, Kernel):
+        return None
+    if k.mask1 is not None or k.mask2 is not None:
+        return None
+    kind, params, diag_variance = spec
+    try:
+        if _backend.resolve(f"nonlin_affine_{kind}") == "xla":
+            return None
+    except _backend.BackendError:
+        return None  # the unfused layers raise the precise error
+    shaped = jax.eval_shape(lambda kk: g(f(kk, **kwargs), **kwargs), k)
+    out = _map_kernel(k, kind, params, diag_variance, affine=dense(k))
+    return shaped.replace(
+        nngp=out.nngp, ntk=out.ntk, cov1=out.cov1, cov2=out.cov2, x1_is_x2=k.x1_is_x2
+    )

@@ -240,6 +240,18 @@ def Dense(
     def mask_fn(mask, input_shape):
         return jnp.all(mask, axis=channel_axis, keepdims=True)
 
+    def dense_affine(k):
+        """Keyword arguments of ``ops.nonlin.nonlin_affine`` for this layer after ``k``."""
+        width = None if parameterization == "ntk" else k.shape1[channel_axis] / s[0]
+        return {
+            "w_var": W_std**2,
+            "b_var": None if b_std is None else b_std**2,
+            "parameterization": parameterization,
+            "input_width": width,
+        }
+
+    kernel_fn.dense_affine = dense_affine
+
     def fused_step(input_shape):
         nd = len(input_shape)
         if nd < 2 or batch_axis % nd != 0 or channel_axis % nd != nd - 1:

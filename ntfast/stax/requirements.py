@@ -498,7 +498,7 @@ def _materialize(tree):
 
 
 # Attributes through which layers describe themselves to the fused conv path (ntfast.stax.fused).
-FUSED_ATTRS = ("fused_step", "fused_from_inputs")
+FUSED_ATTRS = ("fused_step", "fused_from_inputs", "nonlin_spec", "dense_affine")
 
 
 def copy_fused_attrs(src: Callable, dst: Callable) -> None:
