@@ -627,7 +627,10 @@ def fused_with_dense(f, g, k, kwargs):
             return None
     except _backend.BackendError:
         return None  # the unfused layers raise the precise error
-    shaped = jax.eval_shape(lambda kk: g(f(kk, **kwargs), **kwargs), k)
+    # Structure only (backend-independent): traced with the XLA ops, so no kernel launch of
+    # the unfused layers is traced.
+    with _backend.use_backend("xla"):
+        shaped = jax.eval_shape(lambda kk: g(f(kk, **kwargs), **kwargs), k)
     out = _map_kernel(k, kind, params, diag_variance, affine=dense(k))
     return shaped.replace(
         nngp=out.nngp, ntk=out.ntk, cov1=out.cov1, cov2=out.cov2, x1_is_x2=k.x1_is_x2
