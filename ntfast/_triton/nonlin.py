@@ -97,21 +97,6 @@ def _kind_constants(kind: str, params: dict) -> tuple[float, ...]:
     return ()  # sign, gelu
 
 
-def _affine_terms(w_var, b_var, parameterization: str, input_width) -> tuple:
-    """``(w_var, b_var, t_e, t_c)`` of the epilogue ``new' = w_var·E + b_var``,
-    ``ntk' = (t_e·E + t_c) + w_var·ntk·Σ̇`` for a Dense layer (``ntfast/stax/linear.py``)."""
-    b = 0.0 if b_var is None else b_var
-    if parameterization == "ntk":
-        return (w_var, b, w_var, b)
-    if parameterization == "standard":
-        if input_width is None:
-            raise ValueError(
-                "`input_width` (N_in / s_in) is required for parameterization 'standard'."
-            )
-        return (w_var, b, input_width, 0.0 if b_var is None else 1.0)
-    raise ValueError(f"`parameterization` must be 'ntk' or 'standard', got {parameterization!r}.")
-
-
 # ------------------------------------------------------------------------------------------------
 # Layout
 
@@ -369,9 +354,7 @@ def gaussian_expectation(q12, q11, q22, ntk=None, *, a=1.0, b=-1.0):
 
 def _affine_reference(q12, q11, q22, ntk=None, *, kind, params, affine):
     new, ntk_dot = _ref.KINDS[kind][0](q12, q11, q22, ntk, **params)
-    w, b, t_e, t_c = affine
-    out = w * new + b
-    return out, None if ntk_dot is None else (t_e * new + t_c) + w * ntk_dot
+    return _ref.apply_affine(new, ntk_dot, affine)
 
 
 def _bound_params(kind: str, params: dict) -> dict:
@@ -384,28 +367,10 @@ def _bound_params(kind: str, params: dict) -> dict:
     return {k: v for k, v in bound.arguments.items() if k in _ref.KINDS[kind][2]}
 
 
-def nonlin_affine_reference(
-    kind: str,
-    q12,
-    q11,
-    q22,
-    ntk=None,
-    *,
-    w_var,
-    b_var=None,
-    parameterization: str = "ntk",
-    input_width=None,
-    **params,
-):
-    """XLA definition of :func:`nonlin_affine`: ``nonlin_<kind>`` then the Dense kernel map.
-
-    ``E, ntkΣ̇ = nonlin_<kind>(q12, q11, q22, ntk, **params)``, then ``new' = w_var·E + b_var``
-    and ``ntk' = (t_e·E + t_c) + w_var·ntkΣ̇`` with ``t_e, t_c = w_var, b_var`` (``"ntk"``) or
-    ``input_width, 1 if b_var is not None else 0`` (``"standard"``). Any kind of ``KINDS``.
-    """
-    params = _bound_params(kind, params)
-    affine = _affine_terms(w_var, b_var, parameterization, input_width)
-    return _affine_reference(q12, q11, q22, ntk, kind=kind, params=params, affine=affine)
+def nonlin_affine_reference(kind: str, q12, q11, q22, ntk=None, **kwargs):
+    """XLA definition of :func:`nonlin_affine`: the registered XLA op ``nonlin_affine_<kind>``
+    (``ntfast.ops.nonlin.nonlin_affine``: ``nonlin_<kind>`` then the Dense kernel map)."""
+    return _ref.nonlin_affine(kind, q12, q11, q22, ntk, backend="xla", **kwargs)
 
 
 def nonlin_affine(
@@ -444,7 +409,7 @@ def nonlin_affine(
     names = ("w_var", "b_var", "input_width", "t_c")
     affine = tuple(
         _static("affine", n, v)
-        for n, v in zip(names, _affine_terms(w_var, b_var, parameterization, input_width))
+        for n, v in zip(names, _ref.affine_terms(w_var, b_var, parameterization, input_width))
     )
     return _run(kind, q12, q11, q22, ntk, params, affine)
 

@@ -249,11 +249,11 @@ def _partner(v, dh, dw, grid):
     return v[_rows(dh, grid[0])[:, None, :, None], _cols(dw, grid[1])[None, :, None, :]]
 
 
-def _pad_to(v, grid, fill=0.0):
-    """Pads the last two (spatial) axes of ``v`` up to ``grid`` with ``fill``."""
+def _pad_to(v, grid):
+    """Pads the last two (spatial) axes of ``v`` with zeros up to ``grid``."""
     ph, pw = grid[0] - v.shape[-2], grid[1] - v.shape[-1]
     widths = [(0, 0)] * (v.ndim - 2) + [(0, ph), (0, pw)]
-    return jnp.pad(v, widths, constant_values=fill)
+    return jnp.pad(v, widths)
 
 
 def _region(grid, size, dtype):

@@ -716,6 +716,13 @@ def affine_terms(w_var, b_var, parameterization: str = "ntk", input_width=None) 
     raise ValueError(f"`parameterization` must be 'ntk' or 'standard', got {parameterization!r}.")
 
 
+def apply_affine(new, ntk_dot, terms: tuple):
+    """The Dense map ``terms = (w, b, t_e, t_c)`` (:func:`affine_terms`) applied to a
+    nonlinearity's ``(E, ntk·Σ̇)``: ``(w·E + b, (t_e·E + t_c) + w·ntk·Σ̇)``."""
+    w, b, t_e, t_c = terms
+    return w * new + b, None if ntk_dot is None else (t_e * new + t_c) + w * ntk_dot
+
+
 def _affine_reference(kind):
     def reference(
         q12, q11, q22, ntk=None, *, w_var, b_var=None, parameterization="ntk", input_width=None,
@@ -723,8 +730,7 @@ def _affine_reference(kind):
     ):  # fmt: skip
         """XLA definition: ``nonlin_<kind>`` then the Dense kernel map (:func:`affine_terms`)."""
         new, ntk_dot = KINDS[kind][0](q12, q11, q22, ntk, **params)
-        w, b, t_e, t_c = affine_terms(w_var, b_var, parameterization, input_width)
-        return w * new + b, None if ntk_dot is None else (t_e * new + t_c) + w * ntk_dot
+        return apply_affine(new, ntk_dot, affine_terms(w_var, b_var, parameterization, input_width))
 
     return reference
 
