@@ -45,7 +45,7 @@ _availability: dict[str, Callable[[], str | None]] = {"xla": lambda: None}
 _auto_eligible: dict[str, Callable[[], bool]] = {}
 # Optional backends registered by importing a package on first use; the import's outcome
 # (None = imported, else the reason it failed) is remembered.
-_LAZY_PACKAGES = {"triton": "ntfast._triton"}
+_LAZY_PACKAGES = {"triton": "ntfast._triton", "native": "ntfast._native"}
 _lazy_outcome: dict[str, str | None] = {}
 _global: list[str | None] = [None]
 _local = threading.local()
@@ -153,6 +153,27 @@ _availability["triton"] = _triton_unavailable_reason
 _auto_eligible["triton"] = lambda: default_device_is_cuda()  # late-bound: replaceable in tests
 
 
+def _native_unavailable_reason() -> str | None:
+    reason = _load("native")
+    if reason is not None:
+        return reason
+    from . import _native
+
+    return _native.unavailable_reason()
+
+
+def _native_auto_eligible() -> bool:
+    if _load("native") is not None:
+        return False
+    from . import _native
+
+    return _native.auto_eligible()
+
+
+_availability["native"] = _native_unavailable_reason
+_auto_eligible["native"] = _native_auto_eligible
+
+
 def unavailable_reason(backend: str) -> str | None:
     """None if ``backend`` can run on this machine, else a human-readable reason."""
     _check_name(backend)
@@ -185,8 +206,24 @@ def register(op: str, backend: str, fn: Callable | None = None):
     return deco if fn is None else deco(fn)
 
 
-def resolve(op: str, backend: str | None = None) -> str:
-    """The concrete backend that will run ``op`` for the request ``backend`` (None: current flag)."""
+def _unsupported(op: str, backend: str, query: dict | None) -> str | None:
+    """Why ``backend``'s ``op`` cannot serve the static request ``query`` (None: it can).
+
+    An implementation may declare limits through an ``unsupported_reason(**query)`` attribute
+    (e.g. a compiled fused kernel covering only some nonlinearities); the XLA reference has none.
+    """
+    check = getattr(_registry[op][backend], "unsupported_reason", None)
+    if query is None or check is None:
+        return None
+    return check(**query)
+
+
+def resolve(op: str, backend: str | None = None, query: dict | None = None) -> str:
+    """The concrete backend that will run ``op`` for the request ``backend`` (None: current flag).
+
+    ``query``: the call's static arguments, for implementations that cover only some of them
+    (``"auto"`` skips those; an explicit backend that cannot serve them raises BackendError).
+    """
     name = get_backend() if backend is None else _check_name(backend)
     if _registry.get(op) is None or "xla" not in _registry[op]:
         raise KeyError(f"op {op!r} has no registered XLA reference.")
@@ -195,7 +232,11 @@ def resolve(op: str, backend: str | None = None) -> str:
             eligible = _auto_eligible.get(cand)
             if cand == "xla" or (eligible is not None and not eligible()):
                 continue
-            if unavailable_reason(cand) is None and cand in _registry[op]:
+            if (
+                unavailable_reason(cand) is None
+                and cand in _registry[op]
+                and _unsupported(op, cand, query) is None
+            ):
                 return cand
         return "xla"
     reason = unavailable_reason(name)  # imports an optional backend's package first
@@ -206,12 +247,15 @@ def resolve(op: str, backend: str | None = None) -> str:
         raise BackendError(
             f"backend {name!r} does not implement op {op!r} (implemented by: {sorted(impls)})."
         )
+    reason = _unsupported(op, name, query)
+    if reason is not None:
+        raise BackendError(f"backend {name!r} cannot run this {op!r} request: {reason}.")
     return name
 
 
-def dispatch(op: str, backend: str | None = None) -> Callable:
+def dispatch(op: str, backend: str | None = None, query: dict | None = None) -> Callable:
     """The implementation of ``op`` for the request ``backend`` (see :func:`resolve`)."""
-    return _registry[op][resolve(op, backend)]
+    return _registry[op][resolve(op, backend, query)]
 
 
 def registered_ops() -> dict[str, tuple[str, ...]]:

@@ -16,10 +16,12 @@ def _clean(monkeypatch):
     monkeypatch.delenv("NTFAST_BACKEND", raising=False)
     B.set_backend(None)
     B.register(_OP, "xla", lambda: "xla")
+    # Tests below replace the native backend's probes with stand-ins; the real ones come back.
+    monkeypatch.setitem(B._availability, "native", B._availability["native"])
+    monkeypatch.setitem(B._auto_eligible, "native", B._auto_eligible["native"])
     yield
     B.set_backend(None)
     B._registry.pop(_OP, None)
-    B._availability.pop("native", None)
 
 
 def test_default_is_auto_and_auto_resolves_to_xla_here():
@@ -64,9 +66,26 @@ def test_explicit_unavailable_backend_raises_but_auto_falls_back():
 
 def test_auto_prefers_available_fast_backend():
     B.register_availability("native", lambda: None)
+    B._auto_eligible["native"] = lambda: True
     B.register(_OP, "native", lambda: "native")
     assert B.dispatch(_OP)() == "native"
     assert B.dispatch(_OP, "xla")() == "xla"
+
+
+def test_auto_skips_a_backend_that_cannot_serve_the_request():
+    B.register_availability("native", lambda: None)
+    B._auto_eligible["native"] = lambda: True
+
+    def native():
+        return "native"
+
+    native.unsupported_reason = lambda kind: None if kind == "relu" else f"no {kind} kernel"
+    B.register(_OP, "native", native)
+    assert B.dispatch(_OP, query={"kind": "relu"})() == "native"
+    assert B.dispatch(_OP, query={"kind": "sin"})() == "xla"
+    assert B.dispatch(_OP)() == "native"  # no query: no limits apply
+    with pytest.raises(B.BackendError, match="no sin kernel"):
+        B.dispatch(_OP, "native", query={"kind": "sin"})
 
 
 def test_kernel_fn_per_call_backend_same_numbers():

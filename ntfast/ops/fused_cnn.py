@@ -678,6 +678,11 @@ def fused_cnn_reference(
     return nngp, ntk, cov1, cov2
 
 
+def backend_query(plan, dtype) -> dict:
+    """Static request a backend's ``fused_cnn.unsupported_reason(plan=, dtype=)`` judges."""
+    return {"plan": plan, "dtype": np.dtype(dtype).name}
+
+
 def fused_cnn(
     x1,
     x2=None,
@@ -723,7 +728,8 @@ def fused_cnn(
         not isinstance(pair_block, int) or isinstance(pair_block, bool) or pair_block < 1
     ):
         raise ValueError(f"`pair_block` must be a positive int or None, got {pair_block!r}.")
-    return _backend.dispatch("fused_cnn", backend)(
+    query = backend_query(plan, x1.dtype)
+    return _backend.dispatch("fused_cnn", backend, query)(
         x1,
         x2,
         plan=plan,

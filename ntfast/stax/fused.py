@@ -179,11 +179,6 @@ def fused_kernel(layers, kernel_fns, x1, x2, get, input_fn, kwargs):
         return None  # masks, patterns, forced layouts, dropout rngs: layer by layer
     if not (jnp.issubdtype(x1.dtype, jnp.floating) and (x2 is None or x2.dtype == x1.dtype)):
         return None  # the layer path raises the proper error
-    try:
-        _backend.resolve("fused_cnn")
-    except _backend.BackendError:
-        # The requested backend has no fused kernel: its per-layer ops run instead.
-        return None
     got = layer_steps(layers, tuple(x1.shape))
     if got is None or got[1] is None:
         return None
@@ -192,6 +187,12 @@ def fused_kernel(layers, kernel_fns, x1, x2, get, input_fn, kwargs):
         fc.segments(plan, tuple(x1.shape[1:3]))
     except ValueError:
         return None  # e.g. CIRCULAR mixed with SAME: the layer path handles it
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    try:
+        _backend.resolve("fused_cnn", query=fc.backend_query(plan, dtype))
+    except _backend.BackendError:
+        # The requested backend has no fused kernel for this network: its per-layer ops run.
+        return None
 
     # Structure (static fields, shapes, errors) of the prefix's output, never computed.
     def prefix(a, b):
@@ -201,7 +202,6 @@ def fused_kernel(layers, kernel_fns, x1, x2, get, input_fn, kwargs):
         return k
 
     shaped = jax.eval_shape(prefix, x1, x2)
-    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     a = jnp.asarray(x1).astype(dtype)
     b = None if x2 is None else jnp.asarray(x2).astype(dtype)
     compute_ntk = shaped.ntk is not None
