@@ -3,7 +3,7 @@
 The per-offset algorithm of DESIGN.md §2. For one pair of images the full-spatial covariance
 ``K[i, i', j, j']`` of a stride-1 conv stack is stored in the *packed offset layout*::
 
-    D[δh, δw, i, j] = K[i, (i + δh) mod Lh, j, (j + δw) mod Lw]        δh, i < Lh;  δw, j < Lw
+    D[δh, i, δw, j] = K[i, (i + δh) mod Lh, j, (j + δw) mod Lw]        δh, i < Lh;  δw, j < Lw
 
 on a periodic grid ``L = H + g`` whose last ``g`` rows/columns are zero (the zero padding of SAME
 convolutions; ``g = 0`` for CIRCULAR). Every entry of ``D`` is one entry of ``K`` (no waste beyond
@@ -17,9 +17,10 @@ several ``O((HW)²)`` arrays per layer. The variance maps of every layer are com
 image from the ``δ = 0`` row only (``O(HW)`` per layer).
 
 Only pooling couples offsets: a segment that ends in ``AvgPool``/``SumPool`` produces every
-offset (tile by tile), unpacks them to NT's zipped layout, pools with :func:`ntfast.ops.pool.pool_cov`
-and packs the (smaller) result as the next segment's input; the next segment's variance maps come
-from each image's own (self-pair) pooled covariance. Readouts: ``GAP``/``GSP`` sum every entry
+offset (tile by tile) and pools them in the packed layout (per axis, each output entry is a static
+weighted sum of ``window²`` input entries: :func:`_pool_packed`, the math of
+:func:`ntfast.ops.pool.pool_cov`) onto the next segment's grid; the next segment's variance maps
+come from each image's own (self-pair) pooled covariance. Readouts: ``GAP``/``GSP`` sum every entry
 (``mean``/``sum`` over ``(HW)²``), ``FLATTEN`` needs only ``δ = 0`` (``O(HW)`` per pair).
 
 Op (registered backends implement exactly this signature; static arguments are keywords)::
@@ -45,9 +46,9 @@ import numpy as np
 from jax import lax
 
 from ntfast import backend as _backend
-from ntfast.ops.conv import PADDINGS, padding_name, same_pads
+from ntfast.ops.conv import PADDINGS, axis_pads, padding_name, same_pads
 from ntfast.ops.nonlin import nonlin
-from ntfast.ops.pool import pool_cov
+from ntfast.ops.pool import window_divisors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +199,14 @@ def _make_segment(steps, end, size_in) -> _Segment:
 
 
 # ----------------------------------------------------------------------------------------------
-# Packed-layout primitives for one pair. A tile holds the rows ``dh`` (traced, ``(t,)``) and the
-# columns ``dw`` (static numpy, all ``Lw`` offsets, or ``[0]`` for a Flatten readout); arrays are
-# ``(t, len(dw), Lh, Lw)`` = ``[δh, δw, i, j]``.
+# Packed-layout primitives for one pair. A tile holds the rows ``dh`` (``(t,)``, traced or static)
+# and the columns ``dw`` (static numpy, all ``Lw`` offsets, or ``[0]`` for a Flatten readout); arrays
+# are ``(t, Lh, len(dw), Lw)`` = ``[δh, i, δw, j]``: each ``(δw, j)`` block of a row ``(δh, i)`` is
+# contiguous, so a partner lookup ``(i + δh) mod Lh`` moves whole blocks (no element gather).
+
+# Spatial axes (i, j) of a tile, and of an ``(Lh, Lw)`` map.
+_TILE_AXES = (1, 3)
+_MAP_AXES = (0, 1)
 
 
 def _box(d, axis: int, lo: int, f: int, circular: bool = True):
@@ -240,13 +246,29 @@ def _valid_mask(dh, dw, grid, size, dtype):
     (lh, lw), (hv, wv) = grid, size
     mh = (jnp.arange(lh)[None, :] < hv) & (_rows(dh, lh) < hv)  # (t, Lh)
     mw = (np.arange(lw)[None, :] < wv) & (_cols(dw, lw) < wv)  # (dw, Lw)
-    return mh.astype(dtype)[:, None, :, None] * jnp.asarray(mw, dtype)[None, :, None, :]
+    return mh.astype(dtype)[:, :, None, None] * jnp.asarray(mw, dtype)[None, None, :, :]
 
 
 def _partner(v, dh, dw, grid):
-    """``v[(i + δh) mod Lh, (j + δw) mod Lw]`` as ``(t, len(dw), Lh, Lw)``."""
-    # One gather straight into the tile layout (a gather then a transpose costs a copy per step).
-    return v[_rows(dh, grid[0])[:, None, :, None], _cols(dw, grid[1])[None, :, None, :]]
+    """``v[(i + δh) mod Lh, (j + δw) mod Lw, ...]`` as ``(t, Lh, len(dw), Lw, ...)``.
+
+    No element gather (XLA:CPU gathers cost ~2x a whole conv + nonlinearity step of the tile):
+    the column shifts come from tiling each row ``Lw + 1`` times and reading it as
+    ``(Lw, Lw + 1)`` (row ``δw`` starts at ``(δw + j) mod Lw``); the row shifts are slices of that
+    skewed array stacked twice.
+    """
+    lh, lw = grid
+    reps = [1] * v.ndim
+    reps[1] = lw + 1
+    skew = jnp.tile(v, reps).reshape((lh, lw, lw + 1) + v.shape[2:])[:, :, :lw]
+    if len(dw) != lw:
+        skew = jnp.take(skew, np.asarray(dw), axis=1)
+    return _row_slices(jnp.concatenate([skew, skew]), dh, lh)
+
+
+def _row_slices(x, dh, n):
+    """``stack([x[δ : δ + n] for δ in dh])`` (``dh`` static or traced)."""
+    return jnp.stack([lax.dynamic_slice_in_dim(x, dh[k], n, 0) for k in range(len(dh))])
 
 
 def _pad_to(v, grid):
@@ -263,9 +285,9 @@ def _region(grid, size, dtype):
     return jnp.asarray(mh & mw, dtype)
 
 
-def _conv_box(x, pad, circular):
+def _conv_box(x, pad, circular, axes=_TILE_AXES):
     (lo_h, fh), (lo_w, fw) = pad
-    return _box(_box(x, -2, lo_h, fh, circular), -1, lo_w, fw, circular)
+    return _box(_box(x, axes[0], lo_h, fh, circular), axes[1], lo_w, fw, circular)
 
 
 def _affine(s, d, t, m):
@@ -302,7 +324,7 @@ def _run_steps(seg, d, t, dh, dw, var1, var2):
         elif isinstance(s, DenseStep):
             d, t = _affine(s, d, t, m)
         else:
-            q11 = var1[k][None, None]
+            q11 = var1[k][None, :, None, :]
             q22 = _partner(var2[k], dh, dw, seg.grid)
             d, t = nonlin(s.kind, d, q11, q22, t, **dict(s.params))
             d = d * m
@@ -323,7 +345,8 @@ def _variance_chain(seg, v0):
     out, v, size = [], v0, seg.size_in
     for s, size_next, pad in zip(seg.steps, seg.sizes, seg.pads):
         if isinstance(s, ConvStep):
-            v = s.w_var * _conv_box(v, pad, seg.circular) + (0.0 if s.b_var is None else s.b_var)
+            v = s.w_var * _conv_box(v, pad, seg.circular, _MAP_AXES)
+            v = v + (0.0 if s.b_var is None else s.b_var)
         elif isinstance(s, DenseStep):
             v = s.w_var * v + (0.0 if s.b_var is None else s.b_var)
         else:
@@ -337,39 +360,96 @@ def _variance_chain(seg, v0):
 
 
 def _images_tile(x1p, x2p, dh, dw, grid):
-    """``D0[t, δw, i, j] = Σ_c x1[i, j, c]·x2[(i+δh) mod L, (j+δw) mod L, c] / C``."""
-    x2s = _partner(x2p, dh, dw, grid)  # (t, dw, Lh, Lw, C)
-    # Elementwise product and a minor-axis sum (an einsum would transpose for its dot).
-    return jnp.sum(x1p[None, None] * x2s, -1) / x1p.shape[-1]
+    """``D0[t, i, δw, j] = Σ_c x1[i, j, c]·x2[(i+δh) mod L, (j+δw) mod L, c] / C``."""
+    n_c = x1p.shape[-1]
+
+    def term(c):
+        x1c = lax.dynamic_index_in_dim(x1p, c, -1, keepdims=False)
+        x2c = lax.dynamic_index_in_dim(x2p, c, -1, keepdims=False)
+        return x1c[None, :, None, :] * _partner(x2c, dh, dw, grid)
+
+    # Channel by channel: a product then a sum over a minor axis of size C costs 4-7x more
+    # (measured 0.78 vs 0.21 ms for a 7x33x33x33 tile of RGB images).
+    if n_c <= _UNROLL_CHANNELS:
+        out = term(0)
+        for c in range(1, n_c):
+            out = out + term(c)
+    else:
+        out = lax.fori_loop(1, n_c, lambda c, acc: acc + term(c), term(0))
+    return out / n_c
 
 
-def _pack_tile(k, dh, dw, grid, size):
-    """Packed rows ``dh`` of a zipped full covariance ``k`` ``(H, H', W, W')`` of valid ``size``."""
-    (lh, lw), (hv, wv) = grid, size
-    i = jnp.arange(lh)
-    j = np.arange(lw)
-    ih = _rows(dh, lh)  # (t, Lh)
-    jw = _cols(dw, lw)  # (dw, Lw)
-    ok = ((i[None, :] < hv) & (ih < hv))[:, None, :, None] & jnp.asarray(
-        (j[None, :] < wv) & (jw < wv)
-    )[None, :, None, :]
-    a = jnp.minimum(i, hv - 1)[None, None, :, None]
-    b = jnp.minimum(ih, hv - 1)[:, None, :, None]
-    c = np.minimum(j, wv - 1)[None, None, None, :]
-    e = np.minimum(jw, wv - 1)[None, :, None, :]
-    return jnp.where(ok, k[a, b, c, e], 0)
+def _packed_rows(x, dh, dw):
+    """Rows ``dh`` and columns ``dw`` of a whole packed ``(Lh, Lh, Lw, Lw)`` array."""
+    x = _row_slices(x, dh, 1)[:, 0]
+    return x if len(dw) == x.shape[2] else jnp.take(x, np.asarray(dw), axis=2)
 
 
-def _unpack(d, grid, size):
-    """Zipped full covariance ``K[i, i', j, j']`` ``(H, H', W, W')`` from the packed ``d``."""
-    (lh, lw), (hv, wv) = grid, size
-    i = np.arange(hv)
-    j = np.arange(wv)
-    dhi = (i[None, :] - i[:, None]) % lh  # (i, i')
-    dwj = (j[None, :] - j[:, None]) % lw  # (j, j')
-    return d[
-        dhi[:, :, None, None], dwj[None, None, :, :], i[:, None, None, None], j[None, None, :, None]
+def _pool_axis_table(grid_in, size_in, grid_out, size_out, p, s, padding, normalize, pool_sum):
+    """Static gather table of one axis of a pooling in packed layout.
+
+    Output ``B[δ', I] = Σ_k coef[δ', I, k]·A[row[δ', I, k]]`` over the flattened input pairs
+    ``row = δ·L + i``: for ``J = (I + δ') mod L'`` in the valid region, the ``p²`` taps
+    ``K[s·I + a − lo, s·J + a' − lo] / (d(I)·d(J))`` (zero taps for SAME padding outside the
+    axis; CIRCULAR wraps mod the valid size) read at ``δ = (v − u) mod L``, ``i = u``.
+    """
+    lo, _ = axis_pads(size_in, p, s, padding)
+    div = (
+        np.ones(size_out)
+        if pool_sum
+        else window_divisors(size_in, p, s, padding, normalize)[:size_out]
+    )
+    dlt, big_i = np.meshgrid(np.arange(grid_out), np.arange(grid_out), indexing="ij")
+    big_j = (big_i + dlt) % grid_out
+    ok = (big_i < size_out) & (big_j < size_out)
+    a, b = np.meshgrid(np.arange(p), np.arange(p), indexing="ij")
+    u = s * big_i[..., None] + a.reshape(-1) - lo  # (L', L', p²)
+    v = s * big_j[..., None] + b.reshape(-1) - lo
+    if padding == "CIRCULAR":
+        u, v = u % size_in, v % size_in
+        inside = np.ones(u.shape, bool)
+    else:
+        inside = (u >= 0) & (u < size_in) & (v >= 0) & (v < size_in)
+    keep = ok[..., None] & inside
+    bi = np.minimum(big_i, size_out - 1)
+    bj = np.minimum(big_j, size_out - 1)
+    coef = np.where(keep, 1.0 / (div[bi] * div[bj])[..., None], 0.0)
+    u, v = np.where(keep, u, 0), np.where(keep, v, 0)
+    rows = ((v - u) % grid_in) * grid_in + u
+    return rows.reshape(grid_out * grid_out, p * p), coef.reshape(grid_out * grid_out, p * p)
+
+
+def _pool_packed(seg, nxt, x):
+    """Pools a segment's whole packed output ``x`` ``(Lh, Lh, Lw, Lw)`` onto ``nxt``'s grid.
+
+    Separable: the h axis gathers whole ``(δw, j)`` blocks (``window`` taps per output pair of
+    rows), then the w axis gathers within the (smaller) result.
+    """
+    p = seg.end
+    pad = padding_name(p.padding)
+    size = seg.sizes[-1] if seg.sizes else seg.size_in
+    (lh, lw), (oh, ow) = seg.grid, nxt.grid
+    tables = [
+        _pool_axis_table(
+            seg.grid[a],
+            size[a],
+            nxt.grid[a],
+            nxt.size_in[a],
+            p.window_shape[a],
+            p.strides[a],
+            pad,
+            p.normalize_edges,
+            p.pool_type == "SUM",
+        )
+        for a in range(2)
     ]
+    (rh, ch), (rw, cw) = tables
+    x = x.reshape(lh * lh, lw * lw)
+    y = jnp.take(x, rh.reshape(-1), axis=0).reshape(rh.shape + (lw * lw,))
+    y = jnp.einsum("rk,rkc->rc", jnp.asarray(ch, x.dtype), y)  # (oh², lw²)
+    y = jnp.take(y, rw.reshape(-1), axis=1).reshape((oh * oh,) + rw.shape)
+    y = jnp.sum(y * jnp.asarray(cw, x.dtype), -1)
+    return y.reshape(oh, oh, ow, ow)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,6 +460,9 @@ def _unpack(d, grid, size):
 _TILE_ENTRIES = 1 << 18
 # Segments ending in a pooling with at most this many tiles unroll their tile loop.
 _UNROLL_MAX = 8
+_UNROLL_READOUT = False
+# Input channels summed in an unrolled loop (more: a fori_loop).
+_UNROLL_CHANNELS = 16
 # Live arrays of one tile at the peak of a step (operands, f conv taps, nonlinearity terms).
 _LIVE_ARRAYS = 40
 
@@ -433,12 +516,13 @@ def _cone(n: int, radius: tuple) -> np.ndarray:
     return np.concatenate([np.arange(r + 1), np.arange(n - r, n)])
 
 
-def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int, radius=None):
+def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int, radius=None, nxt=None):
     """One pair through one segment, tile by tile.
 
-    ``src``: ``("images", x1p, x2p)`` (``(Lh, Lw, C)`` zero-padded images) or ``("full", kn, kt)``
-    (zipped ``(H, H', W, W')`` covariances of the valid input size). Returns the readout scalars
-    ``(nngp, ntk)`` or the pooled zipped covariances ``(nngp, ntk)`` (``ntk`` None if not computed).
+    ``src``: ``("images", x1p, x2p)`` (``(Lh, Lw, C)`` zero-padded images) or ``("packed", dn, dt)``
+    (the previous segment's pooled packed arrays on this grid). Returns the readout scalars
+    ``(nngp, ntk)`` or the packed arrays pooled onto the next segment ``nxt``'s grid (``ntk``
+    None if not computed).
     ``radius=(rh, rw)``: only offsets ``|δh| <= rh``, ``|δw| <= rw`` are computed (whole packed
     rows and columns, so exactly); the others are left 0 — for a pooling segment whose output is
     only read near the diagonal (:func:`_variance_radii`).
@@ -451,11 +535,12 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int, radius=None
             raise ValueError("`radius` applies to segments that end in a pooling.")
         rows_h, dw = _cone(lh, radius[:1]), _cone(lw, radius[1:])
         d, t = _run_rows(seg, src, var1, var2, compute_ntk, rows_h, dw)
-        zeros = jnp.zeros((lh, lw, lh, lw), d.dtype)
-        scatter = np.ix_(rows_h, dw)
-        d = zeros.at[scatter].set(d)[None]
-        t = None if t is None else zeros.at[scatter].set(t)[None]
-        return _pool_full(seg, d, size_out), None if t is None else _pool_full(seg, t, size_out)
+        zeros = jnp.zeros((lh, lh, lw, lw), d.dtype)
+        # Advanced indices split by a slice: their (t, dw) axes come first in the value.
+        at = (rows_h[:, None], slice(None), dw[None, :])
+        d = zeros.at[at].set(d.transpose(0, 2, 1, 3))
+        t = None if t is None else zeros.at[at].set(t.transpose(0, 2, 1, 3))
+        return _pool_packed(seg, nxt, d), None if t is None else _pool_packed(seg, nxt, t)
     if readout is not None and readout.kind == "FLATTEN":
         # Flatten reads the spatial diagonal only: the δ = 0 row and column suffice.
         dw = np.zeros(1, np.int32)
@@ -472,10 +557,10 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int, radius=None
         w = w.astype(d.dtype)[:, None, None, None]
         return jnp.sum(d * w), None if t is None else jnp.sum(t * w)
 
-    if readout is None and len(rows) <= _UNROLL_MAX:
+    if len(rows) <= _UNROLL_MAX and (readout is None or _UNROLL_READOUT):
         # Every offset is needed: a static loop writes each tile once, where lax.map's stacked
         # outputs cost more than the tiles' work (measured 13 ms for 5 tiles of 7x33x33x33 f32).
-        outs = [tile_fn((jnp.asarray(r), jnp.asarray(w))) for r, w in zip(rows, weights)]
+        outs = [tile_fn((r, w)) for r, w in zip(rows, weights)]
         d = jnp.stack([o[0] for o in outs])
         t = None if outs[0][1] is None else jnp.stack([o[1] for o in outs])
     else:
@@ -487,7 +572,16 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int, radius=None
         scale = {"GAP": 1.0 / (hv * wv) ** 2, "GSP": 1.0, "FLATTEN": 1.0 / (hv * wv)}[readout.kind]
         return d * scale, None if t is None else t * scale
 
-    return _pool_full(seg, d, size_out), None if t is None else _pool_full(seg, t, size_out)
+    # Row-major copy behind a barrier (as ops.layout.materialized_transpose): otherwise the
+    # pooling gather's preferred layout propagates back into every tile's computation.
+    d, t = (None if a is None else _stacked(a, lh) for a in (d, t))
+    return _pool_packed(seg, nxt, d), None if t is None else _pool_packed(seg, nxt, t)
+
+
+def _stacked(x, lh):
+    """Stacked tiles ``(n, t, Lh, Lw, Lw)`` as the whole packed ``(Lh, Lh, Lw, Lw)`` array."""
+    x = lax.optimization_barrier(x.reshape(-1)).reshape((-1,) + x.shape[2:])
+    return x[:lh]
 
 
 def _run_rows(seg, src, var1, var2, compute_ntk, dh, dw):
@@ -497,27 +591,9 @@ def _run_rows(seg, src, var1, var2, compute_ntk, dh, dw):
         d = _images_tile(src[1], src[2], dh, dw, seg.grid)
         t = jnp.zeros((), d.dtype) if compute_ntk else None
     else:
-        d = _pack_tile(src[1], dh, dw, seg.grid, seg.size_in)
-        t = _pack_tile(src[2], dh, dw, seg.grid, seg.size_in) if compute_ntk else None
+        d = _packed_rows(src[1], dh, dw)
+        t = _packed_rows(src[2], dh, dw) if compute_ntk else None
     return _run_steps(seg, d, t, dh, dw, var1, var2)
-
-
-def _pool_full(seg, x, size_out):
-    """Pools the stacked packed tiles ``x`` ``(n, t, Lw, Lh, Lw)`` of a segment's output."""
-    # Row-major copy behind a barrier (as ops.layout.materialized_transpose): otherwise the
-    # unpacking gather's preferred layout propagates back into every tile's computation.
-    x = lax.optimization_barrier(x.reshape(-1)).reshape((-1,) + x.shape[2:])[: seg.grid[0]]
-    k = _unpack(x, seg.grid, size_out)[None]
-    p = seg.end
-    out = pool_cov(
-        k,
-        window_shape=p.window_shape,
-        strides=p.strides,
-        padding=p.padding,
-        pool_type=p.pool_type,
-        normalize_edges=p.normalize_edges,
-    )
-    return out[0]
 
 
 def _image_variance(x, grid):
@@ -560,20 +636,20 @@ def _self_pair(segs, x, compute_ntk, tiles, values: bool = True):
     out = (None, None)
     for s, seg in enumerate(segs):
         if s:
-            hv, wv = seg.size_in
-            kn = src[1]
-            diag = kn[np.arange(hv)[:, None], np.arange(hv)[:, None], np.arange(wv), np.arange(wv)]
-            v0 = _pad_to(diag, seg.grid)
+            v0 = src[1][0, :, 0, :]  # δ = 0: K[i, i, j, j] on the grid, 0 outside the image
         vars_ = _variance_chain(seg, v0)
         maps.append(vars_)
+        nxt = segs[s + 1] if s + 1 < len(segs) else None
         if values:
-            out = _segment_run(seg, src, vars_, vars_, compute_ntk, tiles[s])
+            out = _segment_run(seg, src, vars_, vars_, compute_ntk, tiles[s], nxt=nxt)
         elif radii[s] is not None:
-            out = _segment_run(seg, src, vars_, vars_, compute_ntk, tiles[s], radius=radii[s])
+            out = _segment_run(
+                seg, src, vars_, vars_, compute_ntk, tiles[s], radius=radii[s], nxt=nxt
+            )
         else:
             maps.extend([] for _ in segs[s + 1 :])
             break
-        src = ("full", *out)
+        src = ("packed", *out)
     return out, maps
 
 
@@ -581,8 +657,9 @@ def _cross_pair(segs, x1, x2, maps1, maps2, compute_ntk, tiles):
     """One pair of distinct images through every segment, given both images' variance maps."""
     src = ("images", _pad_image(x1, segs[0].grid), _pad_image(x2, segs[0].grid))
     for s, seg in enumerate(segs):
-        out = _segment_run(seg, src, maps1[s], maps2[s], compute_ntk, tiles[s])
-        src = ("full", *out)
+        nxt = segs[s + 1] if s + 1 < len(segs) else None
+        out = _segment_run(seg, src, maps1[s], maps2[s], compute_ntk, tiles[s], nxt=nxt)
+        src = ("packed", *out)
     return out
 
 
