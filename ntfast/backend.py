@@ -13,8 +13,10 @@ Where the choice comes from, most specific first:
 
 ``"auto"`` takes, per op, the first backend in ``AUTO_ORDER`` that has the op registered, is
 available on this machine and suits its default device (``"triton"``: a CUDA GPU only), and falls
-back silently. An explicit name never falls back: an unavailable backend or an op it lacks raises
-:class:`BackendError` naming the reason.
+back silently. An explicit name never falls back: an unavailable backend, an op it lacks or a
+request it cannot serve raises :class:`BackendError` naming the reason — except that ``"native"``
+(whole-network fused kernels) runs the XLA definition of the ops it has no kernel for
+(``XLA_FILLED``).
 
 Optional backends live in their own packages (``"triton"``: ``ntfast._triton``) and are imported
 the first time the backend is considered, so ``import ntfast`` works without Triton. ``"triton"``
@@ -32,6 +34,10 @@ from collections.abc import Callable, Iterator
 BACKENDS = ("auto", "xla", "triton", "native")
 # Preference of "auto" among concrete backends; "xla" is always last and always present.
 AUTO_ORDER = ("native", "triton", "xla")
+# Backends whose missing ops are the XLA definition: "native" provides fused whole-network
+# kernels (fused_cnn), so a network's other layers (input covariance, a Dense head, layers the
+# fused kernels do not cover) run the XLA reference under an explicit backend="native".
+XLA_FILLED = ("native",)
 
 
 class BackendError(RuntimeError):
@@ -243,6 +249,8 @@ def resolve(op: str, backend: str | None = None, query: dict | None = None) -> s
     if reason is not None:
         raise BackendError(f"backend {name!r} requested for op {op!r} is unavailable: {reason}.")
     impls = _registry[op]
+    if name not in impls and name in XLA_FILLED:
+        return "xla"
     if name not in impls:
         raise BackendError(
             f"backend {name!r} does not implement op {op!r} (implemented by: {sorted(impls)})."

@@ -88,6 +88,16 @@ def test_auto_skips_a_backend_that_cannot_serve_the_request():
         B.dispatch(_OP, "native", query={"kind": "sin"})
 
 
+def test_explicit_native_runs_the_xla_definition_of_ops_it_has_no_kernel_for():
+    B.register_availability("native", lambda: None)
+    assert B.resolve(_OP, "native") == "xla"  # native registered nothing for this op
+    B.register(_OP, "native", lambda: "native")
+    assert B.dispatch(_OP, "native")() == "native"
+    B.register_availability("native", lambda: "not built in this test")
+    with pytest.raises(B.BackendError, match="not built in this test"):
+        B.dispatch(_OP, "native")  # an unavailable native backend still raises
+
+
 def test_kernel_fn_per_call_backend_same_numbers():
     _, _, kernel_fn = nt.stax.serial(nt.stax.Dense(3, b_std=0.1), nt.stax.Relu(), nt.stax.Dense(1))
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 4))

@@ -113,6 +113,18 @@ NETWORKS = {
         ("Dense", (1,), {}),
     ],
     "nested-serial": [("serial", (), {}), ("GlobalAvgPool", (), {})],
+    # A segment without steps first (pooling the input images), edge-normalized SAME and
+    # CIRCULAR pooling windows larger than their strides, consecutive pools.
+    "pools-first-circular": [
+        ("AvgPool", ((2, 2), (1, 1)), {"padding": "SAME", "normalize_edges": True}),
+        _conv("CIRCULAR", (3, 2)),
+        ("Gelu", (), {}),
+        ("AvgPool", ((3, 3), (2, 2)), {"padding": "CIRCULAR"}),
+        ("SumPool", ((2, 2), (1, 1)), {"padding": "SAME"}),
+        _conv("SAME", (2, 2), b=None),
+        ("Relu", (), {}),
+        ("GlobalSumPool", (), {}),
+    ],
 }
 
 

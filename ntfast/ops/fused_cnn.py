@@ -593,7 +593,10 @@ def _run_rows(seg, src, var1, var2, compute_ntk, dh, dw):
     else:
         d = _packed_rows(src[1], dh, dw)
         t = _packed_rows(src[2], dh, dw) if compute_ntk else None
-    return _run_steps(seg, d, t, dh, dw, var1, var2)
+    d, t = _run_steps(seg, d, t, dh, dw, var1, var2)
+    if t is not None and t.ndim == 0:
+        t = jnp.zeros_like(d)  # no conv in the segment: the input layer's zero NTK, as a tile
+    return d, t
 
 
 def _image_variance(x, grid):
