@@ -54,6 +54,8 @@ def _stax_and_backend(impl: str):
     ops = sorted(op for op, impls in backend.registered_ops().items() if impl in impls)
     if not ops:
         pytest.skip(f"backend {impl!r} registers no ops yet (nothing to benchmark)")
+    if impl == "native" and backend.resolve("fused_cnn", "auto") != "native":
+        pytest.skip("'auto' does not pick the native fused kernel on this device")
     if impl == "triton" and jax.default_backend() != "gpu":
         pytest.skip(
             f"backend 'triton' times only on a CUDA GPU (JAX platform here: "
@@ -71,7 +73,11 @@ def _compile(kernel_fn, backend: str | None, x1, x2):
     from ntfast.stax.fused import fused_options
 
     fused = backend != "xla-layer"
-    with use_backend("xla" if backend == "xla-layer" else backend), fused_options(enabled=fused):
+    # "native" implements only the fused conv op (a forced backend never falls back, so the layers
+    # outside the fused prefix would raise): it runs under "auto", which picks native for
+    # fused_cnn on this device (checked in _stax_and_backend) and XLA for the rest.
+    flag = {"xla-layer": "xla", "native": "auto"}.get(backend, backend)
+    with use_backend(flag), fused_options(enabled=fused):
         return fn.lower(x1, x2).compile()
 
 

@@ -11,7 +11,7 @@ import importlib.util
 from . import runtime
 
 # Op launchers, each registering itself with `@ntfast.backend.register(<op>, "triton")`.
-LAUNCHERS = ("conv", "nonlin", "dot_general")
+LAUNCHERS = ("conv", "nonlin", "dot_general", "fused_cnn")
 
 for _name in LAUNCHERS:
     # Launchers land one by one; a missing module is not an error, a broken one is.

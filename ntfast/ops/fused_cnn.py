@@ -773,9 +773,10 @@ def fused_cnn_reference(
     return nngp, ntk, cov1, cov2
 
 
-def backend_query(plan, dtype) -> dict:
-    """Static request a backend's ``fused_cnn.unsupported_reason(plan=, dtype=)`` judges."""
-    return {"plan": plan, "dtype": np.dtype(dtype).name}
+def backend_query(plan, dtype, size) -> dict:
+    """Static request a backend's ``fused_cnn.unsupported_reason(plan=, dtype=, size=)`` judges
+    (``size``: the images' spatial ``(H, W)``)."""
+    return {"plan": plan, "dtype": np.dtype(dtype).name, "size": tuple(int(v) for v in size)}
 
 
 def fused_cnn(
@@ -823,7 +824,7 @@ def fused_cnn(
         not isinstance(pair_block, int) or isinstance(pair_block, bool) or pair_block < 1
     ):
         raise ValueError(f"`pair_block` must be a positive int or None, got {pair_block!r}.")
-    query = backend_query(plan, x1.dtype)
+    query = backend_query(plan, x1.dtype, x1.shape[1:3])
     return _backend.dispatch("fused_cnn", backend, query)(
         x1,
         x2,

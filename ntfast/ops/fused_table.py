@@ -53,10 +53,25 @@ STEP_CONV, STEP_DENSE, STEP_NONLIN = 0, 1, 2
 NONLIN_ABRELU, NONLIN_ERF, NONLIN_GELU = 0, 1, 2
 
 # Nonlinearity kinds a compiled kernel may implement, with their parameter names (in order).
-NONLIN_CODES = {"abrelu": (NONLIN_ABRELU, ("a", "b")), "erf": (NONLIN_ERF, ("a", "b", "c")),
-                "gelu": (NONLIN_GELU, ())}
+NONLIN_CODES = {
+    "abrelu": (NONLIN_ABRELU, ("a", "b")),
+    "erf": (NONLIN_ERF, ("a", "b", "c")),
+    "gelu": (NONLIN_GELU, ()),
+}
 _END = {"GAP": END_GAP, "GSP": END_GSP, "FLATTEN": END_FLATTEN}
 _PAD = {"VALID": PAD_VALID, "SAME": PAD_SAME, "CIRCULAR": PAD_CIRCULAR}
+
+
+def _defaults(kind: str) -> dict:
+    """Keyword defaults of the nonlinearity's XLA expectation (e.g. erf's ``a=1, b=1, c=0``)."""
+    import inspect
+
+    from ntfast.ops.nonlin import KINDS
+
+    sig = inspect.signature(KINDS[kind][0])
+    return {
+        k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty
+    }
 
 
 def unsupported_reason(plan, kinds=tuple(NONLIN_CODES)) -> str | None:
@@ -69,6 +84,9 @@ def unsupported_reason(plan, kinds=tuple(NONLIN_CODES)) -> str | None:
             params = dict(s.params)
             if set(params) - set(names):
                 return f"nonlinearity {s.kind!r} has parameters {sorted(params)} beyond {names}"
+            missing = set(names) - set(params) - set(_defaults(s.kind))
+            if missing:
+                return f"nonlinearity {s.kind!r} lacks parameters {sorted(missing)}"
     return None
 
 
@@ -105,7 +123,7 @@ def encode(plan, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
                 code, names = NONLIN_CODES[s.kind]
                 ints[0] = STEP_NONLIN
                 ints[9] = code
-                params = dict(s.params)
+                params = {**_defaults(s.kind), **dict(s.params)}
                 for k, name in enumerate(names):
                     flts[3 + k] = float(params[name])
             step_rows.append(ints)
@@ -113,8 +131,14 @@ def encode(plan, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         end = seg.end
         row = [*seg.grid, *seg.size_in, int(seg.circular), first, len(seg.steps)]
         if isinstance(end, fc.PoolStep):
-            row += [END_POOL, *end.window_shape, *end.strides, _PAD[padding_name(end.padding)],
-                    int(end.pool_type == "SUM"), int(bool(end.normalize_edges))]
+            row += [
+                END_POOL,
+                *end.window_shape,
+                *end.strides,
+                _PAD[padding_name(end.padding)],
+                int(end.pool_type == "SUM"),
+                int(bool(end.normalize_edges)),
+            ]
         else:
             row += [_END[end.kind]] + [0] * 7
         row += list(seg.sizes[-1] if seg.sizes else seg.size_in)

@@ -189,7 +189,7 @@ def fused_kernel(layers, kernel_fns, x1, x2, get, input_fn, kwargs):
         return None  # e.g. CIRCULAR mixed with SAME: the layer path handles it
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     try:
-        _backend.resolve("fused_cnn", query=fc.backend_query(plan, dtype))
+        _backend.resolve("fused_cnn", query=fc.backend_query(plan, dtype, x1.shape[1:3]))
     except _backend.BackendError:
         # The requested backend has no fused kernel for this network: its per-layer ops run.
         return None

@@ -19,6 +19,7 @@ pytest.importorskip("triton", reason="needs triton: pip install 'triton>=3.7,<3.
 import ntfast._triton as nt_triton
 from ntfast import stax
 from ntfast._triton import runtime
+from ntfast.stax.fused import fused_options
 
 ARCHS = (80, 90)
 _TYPES = {"*fp32": np.float32, "*fp64": np.float64, "*i32": np.int32, "*i64": np.int64}
@@ -87,12 +88,17 @@ _UNSET = object()
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("network", ["fc", "cnn_gap", "myrtle5", "elementwise_zoo"])
 @pytest.mark.parametrize("x2_none", [False, True])
-def test_specializations_cover_the_launches_of_whole_networks(networks, network, dtype, x2_none):
+# CNN networks take the fused path (ntfast_fused_cnn_*) by default; with it disabled the same
+# networks launch the per-layer kernels, whose coverage this test also proves.
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "layers"])
+def test_specializations_cover_the_launches_of_whole_networks(
+    networks, network, dtype, x2_none, fused
+):
     make, s1, s2 = networks[network]
     x1 = np.random.RandomState(0).randn(*s1).astype(dtype)
     x2 = None if x2_none else np.random.RandomState(1).randn(*s2).astype(dtype)
     kernel_fn = make(stax)[2]
-    with runtime.record_launches() as log:
+    with runtime.record_launches() as log, fused_options(enabled=fused):
         jax.jit(lambda a, b: kernel_fn(a, b, ("nngp", "ntk"), backend="triton")).trace(x1, x2)
     assert log, f"{network} launched no Triton kernel under backend='triton'"
     specs = [(m, s) for m, _, s in SPECS]

@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="needs triton: pip install 'triton>=3.7,<3.
 
 from ntfast import stax
 from ntfast._triton import runtime
+from ntfast.stax.fused import fused_options
 
 
 # The hot ops each network must reach through Triton (a subset of what it launches).
@@ -44,13 +45,15 @@ def _needs_cuda_lowering():
     pytest.skip(f"CUDA lowering proof needs jax-triton and jax-cuda13-plugin: {reason}")
 
 
-def _lower(network, networks, backend, dtype, x2_none=False):
+def _lower(network, networks, backend, dtype, x2_none=False, fused=False):
+    """``fused=False``: the per-layer kernels these tests are about (CNN networks would otherwise
+    take the fused path, ``ntfast_fused_cnn_*``; see the fused tests at the end)."""
     make, s1, s2 = networks[network]
     x1 = np.random.RandomState(0).randn(*s1).astype(dtype)
     x2 = None if x2_none else np.random.RandomState(1).randn(*s2).astype(dtype)
     kernel_fn = make(stax)[2]
     f = jax.jit(lambda a, b: kernel_fn(a, b, ("nngp", "ntk"), backend=backend))
-    with runtime.record_launches() as log:
+    with runtime.record_launches() as log, fused_options(enabled=fused):
         lowered = f.trace(x1, x2).lower(lowering_platforms=("cuda",))
     return lowered, log
 
@@ -89,3 +92,32 @@ def test_symmetric_kernel_x2_none_and_grad_lower_with_named_calls(networks):
     g = jax.jit(jax.grad(lambda a: kernel_fn(a, None, "ntk", backend="triton").sum() ** 2))
     names = runtime.kernel_call_names(g.trace(x).lower(lowering_platforms=("cuda",)))
     assert {"ntfast_input_cov_full", "ntfast_nonlin_abrelu"} <= _base(names)
+
+
+# -- the fused conv path: CNN networks run as ntfast_fused_cnn_* launches -------------------------
+
+EXPECTED_FUSED = {
+    "cnn_gap": {"ntfast_fused_cnn_images_readout"},
+    "myrtle5": {
+        "ntfast_fused_cnn_images_planes",
+        "ntfast_fused_cnn_packed_planes",
+        "ntfast_fused_cnn_packed_readout",
+    },
+}
+
+
+@pytest.mark.parametrize("x2_none", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("network", sorted(EXPECTED_FUSED))
+def test_cnn_networks_lower_to_fused_cnn_calls(networks, network, dtype, x2_none):
+    lowered, log = _lower(network, networks, "triton", dtype, x2_none=x2_none, fused=True)
+    names = runtime.kernel_call_names(lowered)
+    assert EXPECTED_FUSED[network] <= set(names), (network, sorted(set(names)))
+    # The whole conv stack is one kernel per segment: no per-layer conv/nonlinearity launches.
+    assert all(n.startswith("ntfast_fused_cnn_") for n in names), names
+    # (The log also holds the per-layer launches that serial traces abstractly, with
+    # jax.eval_shape, for the Kernel's structure; none of them is lowered.)
+    assert {r["name"] for r in log if r["op"] == "fused_cnn"} <= set(names)
+    text = lowered.as_text()
+    assert text.count("triton_kernel_call_ffi") == len(names)
+    assert "callback" not in text

@@ -1,0 +1,952 @@
+// ntfast — CPU fused CNN kernel, the work itself (included once per ISA: NTF_SIMD_NS names the
+// namespace, the including .cc file sets the target flags). Definition of every number:
+// ntfast/ops/fused_cnn.py; per-entry math: kernels/common/fused_math.h.
+//
+// Work decomposition (DESIGN §2). For one pair of images (a, b) and one segment, every offset
+// plane P[i, j] = K[i, (i + δh) mod Lh, j, (j + δw) mod Lw] (Lh × Lw, 4.6 KB f32 at 34 × 34) runs
+// through the whole step stack in L1-resident buffers (nngp, ntk, ping-pong copies): conv = one
+// pass per row (vertical sum of fh rows into a wrapped row, fw-tap horizontal sum, affine, mask);
+// dense = affine in place; nonlinearity = per-entry expectation with q11 = V_a[i, j] and
+// q22 = V_b[(i + δh) mod Lh, (j + δw) mod Lw] read straight from a row-periodic variance map
+// (no per-plane gather). Readouts reduce each plane as it finishes (double accumulators); a
+// pooling segment stores its planes (packed layout) and pools them directly into the next
+// segment's packed layout through per-axis tap tables (no unpacking).
+//
+// Threads: pairs are independent (one pair workspace per thread) when there are enough of them;
+// otherwise each pair's segment is split over its δh rows and its pooling over output rows.
+// Per-image work first: channel-planar zero-padded images, and the variance maps of every
+// nonlinearity (self pairs: the maps of segment s + 1 come from the δ = 0 plane of the pooled
+// self covariance; when no one reads the self pair's kernel value, it runs only the offsets those
+// maps depend on). Nothing is allocated per plane: scratch is allocated once per call.
+//
+// Vectorization. Plane rows have a padded stride `ls` (a multiple of kVec = 4 entries) and every
+// row loop runs over all `ls` columns (padding columns are masked to 0), with `#pragma GCC ivdep`
+// (no runtime alias checks): GCC 12 then reports the image product, both box passes, the affine
+// maps and every nonlinearity row (abrelu/erf/gelu incl. the branch-free atan2, as blends)
+// "loop vectorized using 32 byte vectors" (-fopt-info-vec-optimized; cmake
+// -DNTFAST_VEC_REPORT=ON), and `perf annotate` shows the packed ymm code (vfmadd...ps, vdivps,
+// vsqrtps, vblendvps) executing. Measured pitfalls: without padding and ivdep, the alias-
+// versioned vector loops of 34-entry rows ran their scalar versions (1.3x slower); a `&&` in
+// the ReLU angle select left a branch that kept that loop scalar (2.6x slower; fused_math.h).
+#pragma once
+
+#include <sched.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "fused_cnn_cpu.h"
+#include "fused_math.h"
+
+namespace ntf {
+namespace cpu {
+namespace NTF_SIMD_NS {
+
+#define NTF_R __restrict__
+#if defined(__GNUC__) && !defined(__clang__)
+#define NTF_IVDEP _Pragma("GCC ivdep")
+#else
+#define NTF_IVDEP
+#endif
+
+// Row stride of planes: a multiple of 4 entries (one AVX2 f64 vector; f32 rows run 8-wide with
+// one 4-wide SSE tail, measured faster than padding 34 -> 40).
+constexpr int kVec = 4;
+inline int row_stride(int lw) { return (lw + kVec - 1) / kVec * kVec; }
+// Row stride of the periodic (row-doubled) images and variance maps: a partner read at column
+// δw + j, j < ls, stays inside the row.
+inline int periodic_stride(int lw) { return lw + row_stride(lw); }
+
+template <class F>
+void parallel_for(int nthreads, long n, F&& f) {
+  if (nthreads <= 1 || n <= 1) {
+    for (long i = 0; i < n; ++i) f(i, 0);
+    return;
+  }
+  const int nt = (int)(n < nthreads ? n : nthreads);
+  std::atomic<long> next{0};
+  auto worker = [&](int tid) {
+    for (;;) {
+      const long i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= n) break;
+      f(i, tid);
+    }
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(nt - 1);
+  for (int tid = 1; tid < nt; ++tid) pool.emplace_back(worker, tid);
+  worker(0);
+  for (auto& th : pool) th.join();
+}
+
+inline int pmod(int x, int n) {
+  const int r = x % n;
+  return r < 0 ? r + n : r;
+}
+
+// Scratch of one thread: planes of the largest grid and a wrapped row.
+template <class T>
+struct Scratch {
+  std::vector<T> d, t, sd, st, row, ext, ext2, mw, v;
+  std::vector<int> mh;
+  void init(long plane, int ls_max, int f_max) {
+    d.assign(plane, T(0));
+    t.assign(plane, T(0));
+    sd.assign(plane, T(0));
+    st.assign(plane, T(0));
+    v.assign(plane, T(0));
+    row.assign(ls_max, T(0));
+    ext.assign(ls_max + 2 * f_max, T(0));
+    ext2.assign(ls_max + 2 * f_max, T(0));
+    mw.assign(ls_max, T(0));
+    mh.assign(plane, 0);
+  }
+};
+
+// Every plane of one pair's pooling segment (packed [δh][δw][i][j]) and the pooled next input.
+template <class T>
+struct PairWs {
+  std::vector<T> full_d, full_t, pin_d, pin_t;
+};
+
+// Per pooling segment: for each axis, window taps of every output index (-1: zero padding) and
+// the AvgPool reciprocal divisors.
+struct PoolTables {
+  int ph = 0, pw = 0;
+  std::vector<int> taps_h, taps_w;
+  std::vector<double> inv_h, inv_w;
+};
+
+template <class T>
+struct Ctx {
+  const Plan* plan;
+  const RunArgs* args;
+  int n_img, C, lh0, lw0;
+  int compute_ntk;
+  // n_img × C × lh0 × periodic_stride(lw0): row j holds x[j mod lw0] (partner reads at δw + j
+  // need no modulo).
+  std::vector<T> img;
+  std::vector<long> map_off;  // per plan nonlinearity: offset in an image's map block
+  long map_stride = 0;
+  std::vector<T> maps;  // n_img × map_stride; lh × periodic_stride(lw) per map, like the images
+  std::vector<PoolTables> pools;
+  long max_plane = 0, max_full = 0, max_pin = 0;  // max_plane: lh·ls; full/pin: (lh·lw)²
+  // Offsets each segment runs: `full` (every plane; FLATTEN: δ = 0 only) and, for self pairs
+  // whose kernel values nobody reads, `cone`: only the offsets the later segments' variance
+  // maps depend on (fused_cnn.py `_variance_radii`); such self pairs stop at segment last_nl.
+  struct Lists {
+    std::vector<int> rows, cols, pool_rows, pool_cols;
+  };
+  std::vector<Lists> full, cone;
+  int last_nl = 0;
+  bool self_values = true;
+  int ls_max = 0, f_max = 1;
+};
+
+// ------------------------------------------------------------------------------------------
+// Plane steps.
+
+// Unnormalized circular box sums of rows listed in mh: dst[i, j] = Σ_{a<fh, b<fw}
+// src[(i + a − lo_h) mod lh, (j + b − lo_w) mod lw] for j < ls (columns j >= lw: finite values
+// the caller masks). Rows with mh[i] == 0 are not written. Row stride ls.
+template <class T>
+void box2d(const T* NTF_R src, T* NTF_R dst, T* NTF_R row, T* NTF_R ext, const int* mh, int lh,
+           int lw, int ls, int lo_h, int fh, int lo_w, int fw) {
+  const int n_ext = ls + fw - 1;
+  for (int i = 0; i < lh; ++i) {
+    if (!mh[i]) continue;
+    const T* NTF_R r0 = src + (long)pmod(i - lo_h, lh) * ls;
+    NTF_IVDEP for (int j = 0; j < ls; ++j) row[j] = r0[j];
+    for (int a = 1; a < fh; ++a) {
+      const T* NTF_R ra = src + (long)pmod(i + a - lo_h, lh) * ls;
+      NTF_IVDEP for (int j = 0; j < ls; ++j) row[j] += ra[j];
+    }
+    T* NTF_R out = dst + (long)i * ls;
+    if (fw == 1) {
+      NTF_IVDEP for (int j = 0; j < ls; ++j) out[j] = row[j];
+      continue;
+    }
+    // ext[k] = row[(k − lo_w) mod lw]: the centre is a copy, the margins wrap.
+    for (int k = 0; k < n_ext; ++k) {
+      const int s = k - lo_w;
+      if (s >= 0 && s < lw) {
+        const int len = (lw - s) < (n_ext - k) ? (lw - s) : (n_ext - k);
+        std::memcpy(ext + k, row + s, sizeof(T) * len);
+        k += len - 1;
+      } else {
+        ext[k] = row[pmod(s, lw)];
+      }
+    }
+    NTF_IVDEP for (int j = 0; j < ls; ++j) out[j] = ext[j];
+    for (int b = 1; b < fw; ++b) {
+      const T* NTF_R e = ext + b;
+      NTF_IVDEP for (int j = 0; j < ls; ++j) out[j] += e[j];
+    }
+  }
+}
+
+// Row masks of a packed plane (δh, δw) for the valid size (hv, wv); padding columns are 0.
+template <class T>
+void plane_masks(Scratch<T>& sc, int lh, int lw, int ls, int dh, int dw, int hv, int wv) {
+  for (int i = 0; i < lh; ++i) sc.mh[i] = packed_valid(i, dh, lh, hv);
+  for (int j = 0; j < ls; ++j) sc.mw[j] = j < lw ? T(packed_valid(j, dw, lw, wv)) : T(0);
+}
+
+// nngp' = (wd·sd + b)·m, ntk' = (td·sd + tt·st + tc)·m over the masked rows; zero rows else.
+template <class T, bool NTK, bool TLIVE>
+void affine_rows(const AffineCoef<T> c, const T* sd, const T* st, T* d, T* t, const int* mh,
+                 const T* NTF_R mw, int lh, int ls) {
+  // sd/st may alias d/t (dense steps work in place): no restrict, the loop reads entry j before
+  // writing it (so ivdep holds).
+  for (int i = 0; i < lh; ++i) {
+    const long o = (long)i * ls;
+    if (!mh[i]) {
+      for (int j = 0; j < ls; ++j) d[o + j] = T(0);
+      if (NTK)
+        for (int j = 0; j < ls; ++j) t[o + j] = T(0);
+      continue;
+    }
+    NTF_IVDEP for (int j = 0; j < ls; ++j) {
+      const T s = sd[o + j];
+      d[o + j] = (c.wd * s + c.b) * mw[j];
+      if (NTK) t[o + j] = (c.td * s + (TLIVE ? c.tt * st[o + j] : T(0)) + c.tc) * mw[j];
+    }
+  }
+}
+
+template <class T>
+void affine(const AffineCoef<T>& c, const T* sd, const T* st, T* d, T* t, const int* mh,
+            const T* mw, int lh, int ls, bool ntk, bool tlive) {
+  if (!ntk)
+    affine_rows<T, false, false>(c, sd, st, d, t, mh, mw, lh, ls);
+  else if (tlive)
+    affine_rows<T, true, true>(c, sd, st, d, t, mh, mw, lh, ls);
+  else
+    affine_rows<T, true, false>(c, sd, st, d, t, mh, mw, lh, ls);
+}
+
+// Vertical circular box sum of plane row i into e[lo_w + j] (j < ls), then the wrapped margins
+// e[k] = centre[(k − lo_w) mod lw] for k < lo_w and lo_w + lw <= k < ls + fw − 1.
+template <class T>
+inline void vertical_row(const T* NTF_R src, T* NTF_R e, int i, int lh, int lw, int ls, int lo_h,
+                         int fh, int lo_w, int fw) {
+  T* NTF_R c0 = e + lo_w;
+  const T* NTF_R r0 = src + (long)pmod(i - lo_h, lh) * ls;
+  if (fh == 3) {
+    const T* NTF_R r1 = src + (long)pmod(i + 1 - lo_h, lh) * ls;
+    const T* NTF_R r2 = src + (long)pmod(i + 2 - lo_h, lh) * ls;
+    NTF_IVDEP for (int j = 0; j < ls; ++j) c0[j] = (r0[j] + r1[j]) + r2[j];
+  } else if (fh == 2) {
+    const T* NTF_R r1 = src + (long)pmod(i + 1 - lo_h, lh) * ls;
+    NTF_IVDEP for (int j = 0; j < ls; ++j) c0[j] = r0[j] + r1[j];
+  } else {
+    NTF_IVDEP for (int j = 0; j < ls; ++j) c0[j] = r0[j];
+    for (int a = 1; a < fh; ++a) {
+      const T* NTF_R ra = src + (long)pmod(i + a - lo_h, lh) * ls;
+      NTF_IVDEP for (int j = 0; j < ls; ++j) c0[j] += ra[j];
+    }
+  }
+  for (int k = 0; k < lo_w; ++k) e[k] = c0[pmod(k - lo_w, lw)];
+  for (int k = lo_w + lw; k < ls + fw - 1; ++k) e[k] = c0[pmod(k - lo_w, lw)];
+}
+
+template <class T, int FW>
+inline T hsum(const T* e, int j, int fw) {
+  if (FW == 3) return (e[j] + e[j + 1]) + e[j + 2];
+  if (FW == 2) return e[j] + e[j + 1];
+  if (FW == 1) return e[j];
+  T acc = e[j];
+  for (int b = 1; b < fw; ++b) acc += e[j + b];
+  return acc;
+}
+
+// A conv step on a plane in one pass per row: vertical sums into a wrapped row (ed / et),
+// horizontal sums, affine and mask, written to dout / tout (not in place: later rows still read
+// the input). FW: 1, 2, 3 specialized, 0 any width.
+template <class T, int FW, bool NTK, bool TLIVE>
+void conv_rows(const T* NTF_R d, const T* NTF_R t, T* NTF_R dout, T* NTF_R tout, T* NTF_R ed,
+               T* NTF_R et, const int* mh, const T* NTF_R mw, const AffineCoef<T> c, int lh,
+               int lw, int ls, int lo_h, int fh, int lo_w, int fw) {
+  for (int i = 0; i < lh; ++i) {
+    T* NTF_R dr = dout + (long)i * ls;
+    T* NTF_R tr = tout + (long)i * ls;
+    if (!mh[i]) {
+      for (int j = 0; j < ls; ++j) dr[j] = T(0);
+      if (NTK)
+        for (int j = 0; j < ls; ++j) tr[j] = T(0);
+      continue;
+    }
+    vertical_row(d, ed, i, lh, lw, ls, lo_h, fh, lo_w, fw);
+    if (TLIVE) vertical_row(t, et, i, lh, lw, ls, lo_h, fh, lo_w, fw);
+    NTF_IVDEP for (int j = 0; j < ls; ++j) {
+      const T sdv = hsum<T, FW>(ed, j, fw);
+      dr[j] = (c.wd * sdv + c.b) * mw[j];
+      if (NTK) {
+        const T stv = TLIVE ? hsum<T, FW>(et, j, fw) : T(0);
+        tr[j] = (c.td * sdv + c.tt * stv + c.tc) * mw[j];
+      }
+    }
+  }
+}
+
+template <class T, int FW>
+void conv_plane_fw(bool ntk, bool tlive, const T* d, const T* t, T* dout, T* tout, T* ed, T* et,
+                   const int* mh, const T* mw, const AffineCoef<T>& c, int lh, int lw, int ls,
+                   int lo_h, int fh, int lo_w, int fw) {
+  if (!ntk)
+    conv_rows<T, FW, false, false>(d, t, dout, tout, ed, et, mh, mw, c, lh, lw, ls, lo_h, fh,
+                                   lo_w, fw);
+  else if (tlive)
+    conv_rows<T, FW, true, true>(d, t, dout, tout, ed, et, mh, mw, c, lh, lw, ls, lo_h, fh, lo_w,
+                                 fw);
+  else
+    conv_rows<T, FW, true, false>(d, t, dout, tout, ed, et, mh, mw, c, lh, lw, ls, lo_h, fh,
+                                  lo_w, fw);
+}
+
+template <class T>
+void conv_plane(bool ntk, bool tlive, const T* d, const T* t, T* dout, T* tout, T* ed, T* et,
+                const int* mh, const T* mw, const AffineCoef<T>& c, int lh, int lw, int ls,
+                int lo_h, int fh, int lo_w, int fw) {
+#define NTF_CONV(FW)                                                                     \
+  conv_plane_fw<T, FW>(ntk, tlive, d, t, dout, tout, ed, et, mh, mw, c, lh, lw, ls, lo_h, fh, \
+                       lo_w, fw)
+  switch (fw) {
+    case 1: NTF_CONV(1); break;
+    case 2: NTF_CONV(2); break;
+    case 3: NTF_CONV(3); break;
+    default: NTF_CONV(0); break;
+  }
+#undef NTF_CONV
+}
+
+template <class T, int CODE>
+inline T expect(T q12, T q11, T q22, T p0, T p1, T p2, T* dot) {
+  T out;
+  if (CODE == NONLIN_ABRELU)
+    abrelu_expectation(q12, q11, q22, p0, p1, &out, dot);
+  else if (CODE == NONLIN_ERF)
+    erf_expectation(q12, q11, q22, p0, p1, p2, &out, dot);
+  else
+    gelu_expectation(q12, q11, q22, &out, dot);
+  return out;
+}
+
+template <class T, int CODE, bool TLIVE>
+inline void nonlin_row(T* NTF_R dr, T* NTF_R tr, const T* NTF_R q11, const T* NTF_R q22,
+                       const T* NTF_R mw, int ls, T p0, T p1, T p2) {
+  NTF_IVDEP for (int j = 0; j < ls; ++j) {
+    T dot;
+    const T nn = expect<T, CODE>(dr[j], q11[j], q22[j], p0, p1, p2, &dot);
+    dr[j] = nn * mw[j];
+    if (TLIVE) tr[j] = tr[j] * dot * mw[j];
+  }
+}
+
+// One nonlinearity over a plane: q11 rows from va, q22 rows from vb at ((i + δh) mod lh, δw + j)
+// (map row stride ms).
+template <class T, int CODE, bool TLIVE>
+void nonlin_rows(T* NTF_R d, T* NTF_R t, const T* NTF_R va, const T* NTF_R vb, const int* mh,
+                 const T* NTF_R mw, int lh, int ls, int ms, int dh, int dw, T p0, T p1, T p2) {
+  for (int i = 0; i < lh; ++i) {
+    T* NTF_R dr = d + (long)i * ls;
+    T* NTF_R tr = t + (long)i * ls;
+    if (!mh[i]) {
+      for (int j = 0; j < ls; ++j) dr[j] = T(0);
+      if (TLIVE)
+        for (int j = 0; j < ls; ++j) tr[j] = T(0);
+      continue;
+    }
+    int ii = i + dh;
+    ii = ii >= lh ? ii - lh : ii;
+    nonlin_row<T, CODE, TLIVE>(dr, tr, va + (long)i * ms, vb + (long)ii * ms + dw, mw, ls, p0, p1,
+                               p2);
+  }
+}
+
+template <class T>
+void nonlin_plane(int code, bool tlive, T* d, T* t, const T* va, const T* vb, const int* mh,
+                  const T* mw, int lh, int ls, int ms, int dh, int dw, T p0, T p1, T p2) {
+#define NTF_NL(C)                                                                          \
+  (tlive ? nonlin_rows<T, C, true>(d, t, va, vb, mh, mw, lh, ls, ms, dh, dw, p0, p1, p2) \
+         : nonlin_rows<T, C, false>(d, t, va, vb, mh, mw, lh, ls, ms, dh, dw, p0, p1, p2))
+  switch (code) {
+    case NONLIN_ABRELU: NTF_NL(NONLIN_ABRELU); break;
+    case NONLIN_ERF: NTF_NL(NONLIN_ERF); break;
+    default: NTF_NL(NONLIN_GELU); break;
+  }
+#undef NTF_NL
+}
+
+// The input plane of segment 0: D0[i, j] = Σ_c x_a[i, j, c]·x_b[(i+δh) mod L, (j+δw) mod L, c] / C.
+// Row stride ls; padding columns j >= lw are 0.
+template <class T>
+void image_plane(const Ctx<T>& cx, int a, int b, int dh, int dw, T* NTF_R d) {
+  const int lh = cx.lh0, lw = cx.lw0, C = cx.C, ls = row_stride(lw), xs = periodic_stride(lw);
+  const long img_size = (long)C * lh * xs;
+  const T* xa = cx.img.data() + a * img_size;
+  const T* xb = cx.img.data() + b * img_size;
+  const T inv_c = T(1) / T(C);
+  for (int i = 0; i < lh; ++i) {
+    T* NTF_R dr = d + (long)i * ls;
+    for (int j = 0; j < ls; ++j) dr[j] = T(0);
+    if (i >= cx.args->h) continue;
+    int ii = i + dh;
+    ii = ii >= lh ? ii - lh : ii;
+    if (ii >= cx.args->h) continue;
+    for (int c = 0; c < C; ++c) {
+      const T* NTF_R ra = xa + ((long)c * lh + i) * xs;
+      const T* NTF_R rb = xb + ((long)c * lh + ii) * xs + dw;
+      NTF_IVDEP for (int j = 0; j < ls; ++j) dr[j] += ra[j] * rb[j];
+    }
+    NTF_IVDEP for (int j = 0; j < ls; ++j) dr[j] *= inv_c;
+    for (int j = lw; j < ls; ++j) dr[j] = T(0);
+  }
+}
+
+// One offset plane (δh, δw) of pair (a, b) through segment s; returns the (nngp, ntk) planes
+// (sc.d/sc.t or sc.sd/sc.st: convs ping-pong between them), row stride ls.
+template <class T>
+std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<T>& pw, int dh,
+                            int dw, Scratch<T>& sc) {
+  const Plan& plan = *cx.plan;
+  const Seg& sg = plan.seg[s];
+  const int lh = sg.lh, lw = sg.lw, ls = row_stride(lw), ms = periodic_stride(lw);
+  const long plane = (long)lh * lw;
+  const bool ntk = cx.compute_ntk;
+  T* d = sc.d.data();
+  T* t = sc.t.data();
+  bool tlive;
+  if (s == 0) {
+    image_plane(cx, a, b, dh, dw, d);
+    tlive = false;
+  } else {
+    // Packed rows (stride lw) to plane rows (stride ls, zero padding).
+    const long off = ((long)dh * lw + dw) * plane;
+    for (int i = 0; i < lh; ++i) {
+      std::memcpy(d + (long)i * ls, pw.pin_d.data() + off + (long)i * lw, sizeof(T) * lw);
+      for (int j = lw; j < ls; ++j) d[(long)i * ls + j] = T(0);
+      if (ntk) {
+        std::memcpy(t + (long)i * ls, pw.pin_t.data() + off + (long)i * lw, sizeof(T) * lw);
+        for (int j = lw; j < ls; ++j) t[(long)i * ls + j] = T(0);
+      }
+    }
+    tlive = ntk;
+  }
+  for (int k = sg.first_step; k < sg.first_step + sg.n_steps; ++k) {
+    const Step& st = plan.step[k];
+    plane_masks(sc, lh, lw, ls, dh, dw, st.hv, st.wv);
+    const int* mh = sc.mh.data();
+    const T* mw = sc.mw.data();
+    if (st.type == STEP_NONLIN) {
+      const long g = sg.nonlin_base + st.nonlin_index;
+      const T* va = cx.maps.data() + a * cx.map_stride + cx.map_off[g];
+      const T* vb = cx.maps.data() + b * cx.map_stride + cx.map_off[g];
+      nonlin_plane<T>(st.nonlin, tlive, d, t, va, vb, mh, mw, lh, ls, ms, dh, dw, T(st.p0),
+                      T(st.p1), T(st.p2));
+      continue;
+    }
+    const bool conv = st.type == STEP_CONV && (st.fh > 1 || st.fw > 1 || st.lo_h || st.lo_w);
+    const double scale = st.type == STEP_CONV ? 1.0 / (double(st.fh) * st.fw) : 1.0;
+    const AffineCoef<T> c = affine_coef<T>(st, scale);
+    if (conv) {
+      T* d2 = d == sc.d.data() ? sc.sd.data() : sc.d.data();
+      T* t2 = t == sc.t.data() ? sc.st.data() : sc.t.data();
+      conv_plane(ntk, tlive, d, t, d2, t2, sc.ext.data(), sc.ext2.data(), mh, mw, c, lh, lw, ls,
+                 st.lo_h, st.fh, st.lo_w, st.fw);
+      d = d2;
+      t = t2;
+    } else {
+      affine(c, d, t, d, t, mh, mw, lh, ls, ntk, tlive);
+    }
+    tlive = ntk;
+  }
+  if (ntk && !tlive) std::memset(t, 0, sizeof(T) * lh * ls);
+  return {d, t};
+}
+
+// ------------------------------------------------------------------------------------------
+// Per-image variance maps of segment s (fused_cnn.py `_variance_chain`), from v0 (lh × lw,
+// zero outside the valid input; row stride v0_stride). Written periodically per row (stride
+// periodic_stride(lw)) into image n's map block. Works in row stride ls.
+template <class T>
+void compute_maps(Ctx<T>& cx, int s, int n, const T* v0, int v0_stride, Scratch<T>& sc) {
+  const Plan& plan = *cx.plan;
+  const Seg& sg = plan.seg[s];
+  const int lh = sg.lh, lw = sg.lw, ls = row_stride(lw), ms = periodic_stride(lw);
+  T* v = sc.v.data();
+  for (int i = 0; i < lh; ++i)
+    for (int j = 0; j < ls; ++j) v[(long)i * ls + j] = j < lw ? v0[(long)i * v0_stride + j] : T(0);
+  int hv = sg.hv_in, wv = sg.wv_in;
+  for (int k = sg.first_step; k < sg.first_step + sg.n_steps; ++k) {
+    const Step& st = plan.step[k];
+    if (st.type == STEP_NONLIN) {
+      T* map = cx.maps.data() + n * cx.map_stride + cx.map_off[sg.nonlin_base + st.nonlin_index];
+      for (int i = 0; i < lh; ++i)
+        for (int j = 0; j < lw; ++j) {
+          const bool in = i < hv && j < wv;
+          const T vf = in ? v[(long)i * ls + j] : T(1);
+          for (int jj = j; jj < ms; jj += lw) map[(long)i * ms + jj] = vf;
+          T dot;
+          const T out = nonlin_expectation<T>(st.nonlin, T(st.p0), T(st.p1), T(st.p2), vf, vf,
+                                              vf, &dot);
+          v[(long)i * ls + j] = (i < st.hv && j < st.wv) ? out : T(0);
+        }
+    } else {
+      const bool conv = st.type == STEP_CONV;
+      const double scale = conv ? 1.0 / (double(st.fh) * st.fw) : 1.0;
+      const T w = T(st.w_var * scale), bias = T(st.has_b ? st.b_var : 0.0);
+      const T* src = v;
+      if (conv) {
+        for (int i = 0; i < lh; ++i) sc.mh[i] = 1;
+        box2d(v, sc.sd.data(), sc.row.data(), sc.ext.data(), sc.mh.data(), lh, lw, ls, st.lo_h,
+              st.fh, st.lo_w, st.fw);
+        src = sc.sd.data();
+      }
+      for (int i = 0; i < lh; ++i)
+        for (int j = 0; j < ls; ++j) {
+          const long o = (long)i * ls + j;
+          v[o] = (i < st.hv && j < st.wv) ? w * src[o] + bias : T(0);
+        }
+    }
+    hv = st.hv;
+    wv = st.wv;
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Pooling of a pair's stored segment output (packed, grid of seg s) into the packed input of
+// segment s + 1, output rows δh' in [r0, r1).
+template <class T>
+void pool_rows(const Ctx<T>& cx, int s, PairWs<T>& pw, const std::vector<int>& rows, int r0,
+               int r1, const std::vector<int>& cols) {
+  const Plan& plan = *cx.plan;
+  const Seg& sg = plan.seg[s];
+  const Seg& nx = plan.seg[s + 1];
+  const PoolTables& pt = cx.pools[s];
+  const int lh = sg.lh, lw = sg.lw, lh2 = nx.lh, lw2 = nx.lw;
+  const int ho = nx.hv_in, wo = nx.wv_in, ph = pt.ph, pw_ = pt.pw;
+  const long plane = (long)lh * lw, plane2 = (long)lh2 * lw2;
+  const bool ntk = cx.compute_ntk;
+  const T* fd = pw.full_d.data();
+  const T* ft = ntk ? pw.full_t.data() : nullptr;
+  for (int ri = r0; ri < r1; ++ri)
+    for (const int dw : cols) {
+      const int dh = rows[ri];
+      T* od = pw.pin_d.data() + ((long)dh * lw2 + dw) * plane2;
+      T* ot = ntk ? pw.pin_t.data() + ((long)dh * lw2 + dw) * plane2 : nullptr;
+      for (int i = 0; i < lh2; ++i)
+        for (int j = 0; j < lw2; ++j) {
+          const long o = (long)i * lw2 + j;
+          if (!packed_valid(i, dh, lh2, ho) || !packed_valid(j, dw, lw2, wo)) {
+            od[o] = T(0);
+            if (ntk) ot[o] = T(0);
+            continue;
+          }
+          const int k = (i + dh) % lh2, l = (j + dw) % lw2;
+          const int* xi = &pt.taps_h[(long)i * ph];
+          const int* yk = &pt.taps_h[(long)k * ph];
+          const int* xj = &pt.taps_w[(long)j * pw_];
+          const int* yl = &pt.taps_w[(long)l * pw_];
+          T sd = T(0), stv = T(0);
+          for (int a = 0; a < ph; ++a) {
+            const int x = xi[a];
+            if (x < 0) continue;
+            for (int a2 = 0; a2 < ph; ++a2) {
+              const int y = yk[a2];
+              if (y < 0) continue;
+              // |y − x| < lh: one conditional add instead of an integer modulo per tap.
+              const int dy = y - x;
+              const long base = (long)(dy < 0 ? dy + lh : dy) * lw;
+              for (int bb = 0; bb < pw_; ++bb) {
+                const int xw = xj[bb];
+                if (xw < 0) continue;
+                for (int b2 = 0; b2 < pw_; ++b2) {
+                  const int yw = yl[b2];
+                  if (yw < 0) continue;
+                  const int dx = yw - xw;
+                  const long idx = (base + (dx < 0 ? dx + lw : dx)) * plane + (long)x * lw + xw;
+                  sd += fd[idx];
+                  if (ntk) stv += ft[idx];
+                }
+              }
+            }
+          }
+          const T scale = T(pt.inv_h[i] * pt.inv_h[k] * pt.inv_w[j] * pt.inv_w[l]);
+          od[o] = sd * scale;
+          if (ntk) ot[o] = stv * scale;
+        }
+    }
+}
+
+inline void make_pool_tables(const Seg& sg, PoolTables* pt) {
+  const int hv = sg.hv_out, wv = sg.wv_out;
+  auto axis = [&](int size, int p, int s, int lo, int n_out, std::vector<int>* taps,
+                  std::vector<double>* inv) {
+    taps->assign((long)n_out * p, -1);
+    inv->assign(n_out, 1.0);
+    for (int o = 0; o < n_out; ++o) {
+      for (int a = 0; a < p; ++a) {
+        int x = o * s + a - lo;
+        if (sg.pool_padding == PAD_CIRCULAR)
+          x = pmod(x, size);
+        else if (x < 0 || x >= size)
+          x = -1;
+        (*taps)[(long)o * p + a] = x;
+      }
+      if (!sg.pool_sum)
+        (*inv)[o] = 1.0 / pool_divisor<double>(size, p, s, sg.pool_padding, sg.normalize_edges, o);
+    }
+  };
+  pt->ph = sg.pool_wh;
+  pt->pw = sg.pool_ww;
+  axis(hv, sg.pool_wh, sg.pool_sh, sg.pool_lo_h, sg.pool_out_h, &pt->taps_h, &pt->inv_h);
+  axis(wv, sg.pool_ww, sg.pool_sw, sg.pool_lo_w, sg.pool_out_w, &pt->taps_w, &pt->inv_w);
+}
+
+// ------------------------------------------------------------------------------------------
+// One pair through every segment.
+
+struct PairOut {
+  double nngp = 0, ntk = 0;
+};
+
+// Rows [r0, r1) of segment s for pair (a, b): stores planes (pooling segment) or adds the
+// readout sums of each row into row_d/row_t (indexed by δh).
+template <class T>
+void segment_rows(const Ctx<T>& cx, int s, int a, int b, PairWs<T>& pw,
+                  const typename Ctx<T>::Lists& li, int r0, int r1, Scratch<T>& sc, double* row_d,
+                  double* row_t) {
+  const Seg& sg = cx.plan->seg[s];
+  const int lh = sg.lh, lw = sg.lw, ls = row_stride(lw);
+  const long plane = (long)lh * lw;
+  for (int ri = r0; ri < r1; ++ri) {
+    const int dh = li.rows[ri];
+    double rd = 0, rt = 0;
+    for (const int dw : li.cols) {
+      const std::pair<T*, T*> res = run_plane(cx, s, a, b, pw, dh, dw, sc);
+      const T* d = res.first;
+      const T* t = res.second;
+      if (sg.end == END_POOL) {
+        const long off = ((long)dh * lw + dw) * plane;
+        for (int i = 0; i < lh; ++i) {
+          std::memcpy(pw.full_d.data() + off + (long)i * lw, d + (long)i * ls, sizeof(T) * lw);
+          if (cx.compute_ntk)
+            std::memcpy(pw.full_t.data() + off + (long)i * lw, t + (long)i * ls, sizeof(T) * lw);
+        }
+      } else {
+        // Padding columns are 0; double accumulators.
+        double sd = 0, st = 0;
+        const long n = (long)lh * ls;
+        for (long e = 0; e < n; ++e) sd += d[e];
+        if (cx.compute_ntk)
+          for (long e = 0; e < n; ++e) st += t[e];
+        rd += sd;
+        rt += st;
+      }
+    }
+    if (sg.end != END_POOL) {
+      row_d[ri] = rd;
+      row_t[ri] = rt;
+    }
+  }
+}
+
+template <class T>
+double readout_scale(const Seg& sg) {
+  const double hw = double(sg.hv_out) * sg.wv_out;
+  if (sg.end == END_GAP) return 1.0 / (hw * hw);
+  if (sg.end == END_FLATTEN) return 1.0 / hw;
+  return 1.0;
+}
+
+// Pair (a, b) through every segment. `self`: a == b, computes image a's variance maps segment by
+// segment. `nthreads` > 1: rows of each segment (and pooling) are split over threads, with
+// scratch[tid]; else everything runs on scratch[0].
+template <class T>
+PairOut run_pair(Ctx<T>& cx, int a, int b, bool self, PairWs<T>& pw,
+                 std::vector<Scratch<T>>& scratch, int scratch0, int nthreads,
+                 std::vector<double>& rows) {
+  const Plan& plan = *cx.plan;
+  PairOut out;
+  const bool lean = self && !cx.self_values;
+  for (int s = 0; s < plan.n_segments; ++s) {
+    const Seg& sg = plan.seg[s];
+    if (self && s > 0 && sg.n_nonlin > 0)
+      compute_maps(cx, s, a, pw.pin_d.data(), sg.lw, scratch[scratch0]);
+    if (lean && s >= cx.last_nl) break;
+    const typename Ctx<T>::Lists& li = lean ? cx.cone[s] : cx.full[s];
+    const int n_rows = (int)li.rows.size();
+    double* row_d = rows.data();
+    double* row_t = rows.data() + n_rows;
+    if (nthreads > 1 && n_rows > 1) {
+      parallel_for(nthreads, n_rows, [&](long r, int tid) {
+        segment_rows(cx, s, a, b, pw, li, (int)r, (int)r + 1, scratch[tid], row_d, row_t);
+      });
+    } else {
+      segment_rows(cx, s, a, b, pw, li, 0, n_rows, scratch[scratch0], row_d, row_t);
+    }
+    if (sg.end == END_POOL) {
+      const int n_out = (int)li.pool_rows.size();
+      if (nthreads > 1 && n_out > 1)
+        parallel_for(nthreads, n_out, [&](long r, int) {
+          pool_rows(cx, s, pw, li.pool_rows, (int)r, (int)r + 1, li.pool_cols);
+        });
+      else
+        pool_rows(cx, s, pw, li.pool_rows, 0, n_out, li.pool_cols);
+    } else {
+      double sd = 0, st = 0;
+      for (int r = 0; r < n_rows; ++r) {
+        sd += row_d[r];
+        st += row_t[r];
+      }
+      const double scale = readout_scale<T>(sg);
+      out.nngp = sd * scale;
+      out.ntk = st * scale;
+    }
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+
+template <class T>
+const char* run_typed(const RunArgs& args) {
+  const Plan& plan = *args.plan;
+  Ctx<T> cx;
+  cx.plan = &plan;
+  cx.args = &args;
+  cx.compute_ntk = args.compute_ntk;
+  const bool sym = args.sym;
+  const long n1 = args.n1, n2 = args.n2;
+  cx.n_img = (int)(sym ? n1 : n1 + n2);
+  cx.C = (int)args.c;
+  const Seg& s0 = plan.seg[0];
+  cx.lh0 = s0.lh;
+  cx.lw0 = s0.lw;
+  if (s0.hv_in != args.h || s0.wv_in != args.w) return "plan was encoded for another image size";
+
+  // Sizes and per-nonlinearity map offsets.
+  cx.map_off.assign(plan.n_nonlin > 0 ? plan.n_nonlin : 1, 0);
+  cx.pools.resize(plan.n_segments);
+  for (int s = 0; s < plan.n_segments; ++s) {
+    const Seg& sg = plan.seg[s];
+    const long plane = (long)sg.lh * sg.lw;
+    const long padded = (long)sg.lh * row_stride(sg.lw);
+    if (padded > cx.max_plane) cx.max_plane = padded;
+    if (row_stride(sg.lw) > cx.ls_max) cx.ls_max = row_stride(sg.lw);
+    for (int k = sg.first_step; k < sg.first_step + sg.n_steps; ++k) {
+      if (plan.step[k].fw > cx.f_max) cx.f_max = plan.step[k].fw;
+      if (plan.step[k].type == STEP_NONLIN) {
+        cx.map_off[sg.nonlin_base + plan.step[k].nonlin_index] = cx.map_stride;
+        cx.map_stride += (long)sg.lh * periodic_stride(sg.lw);
+      }
+    }
+    if (sg.end == END_POOL) {
+      if (plane * plane > cx.max_full) cx.max_full = plane * plane;
+      const Seg& nx = plan.seg[s + 1];
+      const long p2 = (long)nx.lh * nx.lw;
+      if (p2 * p2 > cx.max_pin) cx.max_pin = p2 * p2;
+      make_pool_tables(sg, &cx.pools[s]);
+    }
+  }
+
+  // Offset lists (see Ctx::full / Ctx::cone).
+  {
+    const int ns = plan.n_segments;
+    auto range = [](int n) {
+      std::vector<int> v(n);
+      for (int k = 0; k < n; ++k) v[k] = k;
+      return v;
+    };
+    auto cone = [&](int n, int r) {
+      if (2 * r + 1 >= n) return range(n);
+      std::vector<int> v;
+      for (int k = 0; k <= r; ++k) v.push_back(k);
+      for (int k = n - r; k < n; ++k) v.push_back(k);
+      return v;
+    };
+    cx.full.resize(ns);
+    cx.cone.resize(ns);
+    cx.last_nl = 0;
+    for (int s = 0; s < ns; ++s)
+      if (plan.seg[s].n_nonlin > 0) cx.last_nl = s;
+    std::vector<int> rh(ns + 1, 0), rw(ns + 1, 0);  // radius of the planes of segment s
+    for (int s = cx.last_nl - 1; s >= 0; --s) {
+      const Seg& sg = plan.seg[s];
+      rh[s] = sg.pool_sh * rh[s + 1] + sg.pool_wh - 1;
+      rw[s] = sg.pool_sw * rw[s + 1] + sg.pool_ww - 1;
+    }
+    for (int s = 0; s < ns; ++s) {
+      const Seg& sg = plan.seg[s];
+      const bool flatten = sg.end == END_FLATTEN;
+      cx.full[s].rows = flatten ? std::vector<int>{0} : range(sg.lh);
+      cx.full[s].cols = flatten ? std::vector<int>{0} : range(sg.lw);
+      if (sg.end == END_POOL) {
+        const Seg& nx = plan.seg[s + 1];
+        cx.full[s].pool_rows = range(nx.lh);
+        cx.full[s].pool_cols = range(nx.lw);
+        if (s < cx.last_nl) {
+          cx.cone[s].rows = cone(sg.lh, rh[s]);
+          cx.cone[s].cols = cone(sg.lw, rw[s]);
+          cx.cone[s].pool_rows = cone(nx.lh, rh[s + 1]);
+          cx.cone[s].pool_cols = cone(nx.lw, rw[s + 1]);
+        }
+      }
+    }
+    cx.self_values = args.sym || args.compute_cov;
+  }
+
+  // Channel-planar, zero-padded, row-doubled images.
+  const int H = (int)args.h, W = (int)args.w, C = cx.C, lh = cx.lh0, lw = cx.lw0;
+  const int xs = periodic_stride(lw), ls0 = row_stride(lw);
+  const long img_size = (long)C * lh * xs;
+  cx.img.assign(cx.n_img * img_size, T(0));
+  const T* x1 = static_cast<const T*>(args.x1);
+  const T* x2 = static_cast<const T*>(args.x2);
+  const int nthreads = args.threads;
+  parallel_for(nthreads, cx.n_img, [&](long n, int) {
+    const T* x = n < n1 ? x1 + n * (long)H * W * C : x2 + (n - n1) * (long)H * W * C;
+    T* dst = cx.img.data() + n * img_size;
+    for (int i = 0; i < H; ++i)
+      for (int j = 0; j < W; ++j)
+        for (int c = 0; c < C; ++c) {
+          const T v = x[((long)i * W + j) * C + c];
+          for (int jj = j; jj < xs; jj += lw) dst[((long)c * lh + i) * xs + jj] = v;
+        }
+  });
+  cx.maps.assign(cx.n_img * cx.map_stride, T(0));
+
+  // Outputs start at zero (XLA does not clear them).
+  T* nngp = static_cast<T*>(args.nngp);
+  T* ntk = static_cast<T*>(args.ntk);
+  T* cov1 = static_cast<T*>(args.cov1);
+  T* cov2 = static_cast<T*>(args.cov2);
+  std::memset(nngp, 0, sizeof(T) * n1 * n2);
+  std::memset(ntk, 0, sizeof(T) * n1 * n2);
+  std::memset(cov1, 0, sizeof(T) * n1);
+  std::memset(cov2, 0, sizeof(T) * n2);
+
+  const bool has_pool = plan.n_segments > 1;
+  auto make_ws = [&](PairWs<T>& pw) {
+    if (!has_pool) return;
+    pw.full_d.assign(cx.max_full, T(0));
+    pw.pin_d.assign(cx.max_pin, T(0));
+    if (cx.compute_ntk) {
+      pw.full_t.assign(cx.max_full, T(0));
+      pw.pin_t.assign(cx.max_pin, T(0));
+    }
+  };
+  std::vector<Scratch<T>> scratch(nthreads);
+  for (auto& sc : scratch) sc.init(cx.max_plane, cx.ls_max, cx.f_max);
+
+  // Pair mode (one pair per thread) when there are enough pairs, else rows of one pair.
+  auto run_all = [&](long n_items, auto&& pair_of, auto&& store) {
+    if (n_items == 0) return;
+    const bool pair_mode = nthreads == 1 || n_items >= 2L * nthreads;
+    if (pair_mode) {
+      const int nt = (int)(n_items < nthreads ? n_items : nthreads);
+      std::vector<PairWs<T>> ws(nt);
+      std::vector<std::vector<double>> rows(nt, std::vector<double>(2 * (cx.max_plane + 1)));
+      for (auto& w : ws) make_ws(w);
+      parallel_for(nt, n_items, [&](long it, int tid) {
+        int a, b;
+        bool self;
+        pair_of(it, &a, &b, &self);
+        const PairOut o = run_pair(cx, a, b, self, ws[tid], scratch, tid, 1, rows[tid]);
+        store(it, o);
+      });
+    } else {
+      PairWs<T> w;
+      make_ws(w);
+      std::vector<double> rows(2 * (cx.max_plane + 1));
+      for (long it = 0; it < n_items; ++it) {
+        int a, b;
+        bool self;
+        pair_of(it, &a, &b, &self);
+        store(it, run_pair(cx, a, b, self, w, scratch, 0, nthreads, rows));
+      }
+    }
+  };
+
+  // Self pairs: variance maps of every segment, diagonal / cov values.
+  const bool need_self = sym || args.compute_cov || plan.n_segments > 1;
+  std::vector<PairOut> self_out(cx.n_img);
+  {
+    // Segment-0 maps come straight from the images: V0 = Σ_c x² / C, the δ = 0 plane of the
+    // self pair computed by the same code (bit-identical to the planes' q12 on the diagonal, so
+    // the self pair's angle there is exactly 0).
+    parallel_for(nthreads, cx.n_img, [&](long n, int tid) {
+      Scratch<T>& sc = scratch[tid];
+      T* v0 = sc.t.data();
+      image_plane(cx, (int)n, (int)n, 0, 0, v0);
+      if (s0.n_nonlin > 0) compute_maps(cx, 0, (int)n, v0, ls0, sc);
+    });
+  }
+  if (need_self) {
+    run_all(
+        cx.n_img,
+        [&](long it, int* a, int* b, bool* self) {
+          *a = *b = (int)it;
+          *self = true;
+        },
+        [&](long it, const PairOut& o) { self_out[it] = o; });
+  }
+
+  // Cross pairs.
+  const long n_cross = sym ? n1 * (n1 - 1) / 2 : n1 * n2;
+  std::vector<int> ia(n_cross), ib(n_cross);
+  {
+    long p = 0;
+    if (sym) {
+      for (int a = 0; a < n1; ++a)
+        for (int b = a + 1; b < n1; ++b) ia[p] = a, ib[p++] = b;
+    } else {
+      for (int a = 0; a < n1; ++a)
+        for (int b = 0; b < n2; ++b) ia[p] = a, ib[p++] = (int)(n1 + b);
+    }
+  }
+  const bool want_ntk = args.compute_ntk;
+  run_all(
+      n_cross,
+      [&](long it, int* a, int* b, bool* self) {
+        *a = ia[it];
+        *b = ib[it];
+        *self = false;
+      },
+      [&](long it, const PairOut& o) {
+        const long a = ia[it], b = sym ? ib[it] : ib[it] - n1;
+        nngp[a * n2 + b] = T(o.nngp);
+        if (want_ntk) ntk[a * n2 + b] = T(o.ntk);
+        if (sym) {
+          nngp[b * n2 + a] = T(o.nngp);
+          if (want_ntk) ntk[b * n2 + a] = T(o.ntk);
+        }
+      });
+  if (sym) {
+    for (long a = 0; a < n1; ++a) {
+      nngp[a * n2 + a] = T(self_out[a].nngp);
+      if (want_ntk) ntk[a * n2 + a] = T(self_out[a].ntk);
+    }
+  }
+  if (args.compute_cov) {
+    for (long a = 0; a < n1; ++a) cov1[a] = T(self_out[a].nngp);
+    for (long b = 0; b < n2; ++b) cov2[b] = T(self_out[sym ? b : n1 + b].nngp);
+  }
+  return nullptr;
+}
+
+const char* run(const RunArgs& args) {
+  if (args.dtype == 0) return run_typed<float>(args);
+  return run_typed<double>(args);
+}
+
+#undef NTF_R
+
+}  // namespace NTF_SIMD_NS
+}  // namespace cpu
+}  // namespace ntf
