@@ -327,11 +327,8 @@ def _impl(x1, x2, *, plan, compute_ntk, compute_cov, tile, pair_block):
             maps = [jax.vmap(lambda x: _maps(seg, fc._image_variance(x, seg.grid)))(xs)]
             self_nngp = self_ntk = None
 
-        if sym:
-            ia, ib = np.triu_indices(n1, k=1)
-        else:
-            ia = np.repeat(np.arange(n1), x2.shape[0])
-            ib = n1 + np.tile(np.arange(x2.shape[0]), n1)
+        n2 = None if sym else x2.shape[0]
+        ia, ib = fc.cross_pairs(n1, n2)
         if ia.size:
             block = _pair_block(segs, ia.size, dtype.itemsize, compute_ntk, pair_block)
             (cross_nngp, cross_ntk), _ = _blocked(
@@ -341,20 +338,8 @@ def _impl(x1, x2, *, plan, compute_ntk, compute_cov, tile, pair_block):
             cross_nngp = jnp.zeros((0,), dtype)
             cross_ntk = jnp.zeros((0,), dtype) if compute_ntk else None
 
-    def assemble(cross, diag):
-        if not sym:
-            return cross.reshape(n1, x2.shape[0])
-        out = jnp.zeros((n1, n1), cross.dtype)
-        out = out.at[ia, ib].set(cross).at[ib, ia].set(cross)
-        return out.at[np.arange(n1), np.arange(n1)].set(diag)
-
-    nngp = assemble(cross_nngp, self_nngp)
-    ntk = assemble(cross_ntk, self_ntk) if compute_ntk else None
-    cov1 = cov2 = None
-    if compute_cov:
-        cov1 = self_nngp[:n1]
-        cov2 = None if sym else self_nngp[n1:]
-    return nngp, ntk, cov1, cov2
+    cross_ntk = cross_ntk if compute_ntk else None
+    return fc.assemble((cross_nngp, cross_ntk), (self_nngp, self_ntk), n1, n2, compute_cov)
 
 
 def _reference(x1, x2, **statics):

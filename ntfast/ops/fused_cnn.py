@@ -736,11 +736,7 @@ def fused_cnn_reference(
         maps = [jax.vmap(lambda x: _variance_chain(segs[0], _image_variance(x, segs[0].grid)))(xs)]
         self_nngp = self_ntk = None
 
-    if sym:
-        ia, ib = np.triu_indices(n1, k=1)
-    else:
-        ia = np.repeat(np.arange(n1), x2.shape[0])
-        ib = n1 + np.tile(np.arange(x2.shape[0]), n1)
+    ia, ib = cross_pairs(n1, None if sym else x2.shape[0])
     if ia.size:
 
         def pair(ab):
@@ -755,21 +751,43 @@ def fused_cnn_reference(
         cross_nngp = jnp.zeros((0,), x1.dtype)
         cross_ntk = jnp.zeros((0,), x1.dtype) if compute_ntk else None
 
-    def assemble(cross, diag):
-        if cross is None:
+    return assemble(
+        (cross_nngp, cross_ntk),
+        (self_nngp, self_ntk),
+        n1,
+        None if sym else x2.shape[0],
+        compute_cov,
+    )
+
+
+def cross_pairs(n1: int, n2: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Static ``(ia, ib)`` indices of the cross pairs into ``concatenate([x1, x2])``: for
+    ``n2=None`` (``x2 = x1``) the strict upper triangle, else all ``n1 × n2`` pairs."""
+    if n2 is None:
+        return np.triu_indices(n1, k=1)
+    return np.repeat(np.arange(n1), n2), n1 + np.tile(np.arange(n2), n1)
+
+
+def assemble(cross, own, n1: int, n2: int | None, compute_cov: bool):
+    """``(nngp, ntk, cov1, cov2)`` of the op from the cross-pair values ``cross = (nngp, ntk)``
+    (ordered as :func:`cross_pairs`) and the self-pair values ``own = (nngp, ntk)`` of
+    ``concatenate([x1, x2])`` (None entries where not computed)."""
+    ia, ib = cross_pairs(n1, n2)
+
+    def matrix(c, diag):
+        if c is None:
             return None
-        if not sym:
-            return cross.reshape(n1, x2.shape[0])
-        out = jnp.zeros((n1, n1), cross.dtype)
-        out = out.at[ia, ib].set(cross).at[ib, ia].set(cross)
+        if n2 is not None:
+            return c.reshape(n1, n2)
+        out = jnp.zeros((n1, n1), c.dtype)
+        out = out.at[ia, ib].set(c).at[ib, ia].set(c)
         return out.at[np.arange(n1), np.arange(n1)].set(diag)
 
-    nngp = assemble(cross_nngp, self_nngp)
-    ntk = assemble(cross_ntk, self_ntk) if compute_ntk else None
+    nngp, ntk = (matrix(c, d) for c, d in zip(cross, own))
     cov1 = cov2 = None
     if compute_cov:
-        cov1 = self_nngp[:n1]
-        cov2 = None if sym else self_nngp[n1:]
+        cov1 = own[0][:n1]
+        cov2 = None if n2 is None else own[0][n1:]
     return nngp, ntk, cov1, cov2
 
 
