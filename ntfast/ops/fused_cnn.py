@@ -465,7 +465,6 @@ def _pool_packed(seg, nxt, x):
 _TILE_ENTRIES = 1 << 18
 # Segments ending in a pooling with at most this many tiles unroll their tile loop.
 _UNROLL_MAX = 8
-_UNROLL_READOUT = False
 # Input channels summed in an unrolled loop (more: a fori_loop).
 _UNROLL_CHANNELS = 16
 # Live arrays of one tile at the peak of a step (operands, f conv taps, nonlinearity terms).
@@ -563,7 +562,7 @@ def _segment_run(seg, src, var1, var2, compute_ntk: bool, tile: int, radius=None
         w = w.astype(d.dtype)[:, None, None, None]
         return jnp.sum(d * w), None if t is None else jnp.sum(t * w)
 
-    if len(rows) <= _UNROLL_MAX and (readout is None or _UNROLL_READOUT):
+    if readout is None and len(rows) <= _UNROLL_MAX:
         # Every offset is needed: a static loop writes each tile once, where lax.map's stacked
         # outputs cost more than the tiles' work (measured 13 ms for 5 tiles of 7x33x33x33 f32).
         outs = [tile_fn((r, w)) for r, w in zip(rows, weights)]
