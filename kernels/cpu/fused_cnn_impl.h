@@ -36,11 +36,18 @@
 #include <cstdlib>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "fused_cnn_cpu.h"
 #include "fused_math.h"
+#if defined(__AVX2__) && defined(__FMA__)
+#include "simd_avx2.h"
+#define NTF_HAND_SIMD 1
+#else
+#define NTF_HAND_SIMD 0
+#endif
 
 namespace ntf {
 namespace cpu {
@@ -57,6 +64,7 @@ namespace NTF_SIMD_NS {
 // one 4-wide SSE tail, measured faster than padding 34 -> 40).
 constexpr int kVec = 4;
 inline int row_stride(int lw) { return (lw + kVec - 1) / kVec * kVec; }
+constexpr int kOneRow = 1;  // a row mask "valid"
 // Row stride of the periodic (row-doubled) images and variance maps: a partner read at column
 // δw + j, j < ls, stays inside the row.
 inline int periodic_stride(int lw) { return lw + row_stride(lw); }
@@ -83,7 +91,15 @@ void parallel_for(int nthreads, long n, F&& f) {
   for (auto& th : pool) th.join();
 }
 
+// x mod n in [0, n). The kernel's indices are almost always within one period of the range:
+// those take no integer division (an idiv per margin entry and row index cost ~10% of a conv).
 inline int pmod(int x, int n) {
+  if (x >= 0) {
+    if (x < n) return x;
+    if (x < 2 * n) return x - n;
+  } else if (x >= -n) {
+    return x + n;
+  }
   const int r = x % n;
   return r < 0 ? r + n : r;
 }
@@ -232,7 +248,7 @@ void affine(const AffineCoef<T>& c, const T* sd, const T* st, T* d, T* t, const 
 // Vertical circular box sum of plane row i into e[lo_w + j] (j < ls), then the wrapped margins
 // e[k] = centre[(k − lo_w) mod lw] for k < lo_w and lo_w + lw <= k < ls + fw − 1.
 template <class T>
-inline void vertical_row(const T* NTF_R src, T* NTF_R e, int i, int lh, int lw, int ls, int lo_h,
+__attribute__((always_inline)) inline void vertical_row(const T* NTF_R src, T* NTF_R e, int i, int lh, int lw, int ls, int lo_h,
                          int fh, int lo_w, int fw) {
   T* NTF_R c0 = e + lo_w;
   const T* NTF_R r0 = src + (long)pmod(i - lo_h, lh) * ls;
@@ -339,6 +355,13 @@ inline T expect(T q12, T q11, T q22, T p0, T p1, T p2, T* dot) {
 template <class T, int CODE, bool TLIVE>
 inline void nonlin_row(T* NTF_R dr, T* NTF_R tr, const T* NTF_R q11, const T* NTF_R q22,
                        const T* NTF_R mw, int ls, T p0, T p1, T p2) {
+#if NTF_HAND_SIMD
+  // f32 ReLU family: the hand-vectorized row (simd_avx2.h, 2.x faster than the loop below).
+  if constexpr (std::is_same<T, float>::value && CODE == NONLIN_ABRELU) {
+    simd::abrelu_row<TLIVE>(dr, tr, q11, q22, mw, ls, p0, p1);
+    return;
+  }
+#endif
   NTF_IVDEP for (int j = 0; j < ls; ++j) {
     T dot;
     const T nn = expect<T, CODE>(dr[j], q11[j], q22[j], p0, p1, p2, &dot);
@@ -469,6 +492,20 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
   return {d, t};
 }
 
+// The expectation of a nonlinearity on the diagonal (q12 = q11 = q22 = v[j], j < ls) in place,
+// by the very code the planes run (so a self pair's δ = 0 entries, and pairs of images that
+// differ by a power-of-two factor, reproduce their variance maps bit for bit: θ = 0 exactly).
+// q, ones: scratch rows of ls entries.
+template <class T>
+void diag_row(const Step& st, T* v, T* q, T* ones, int ls) {
+  for (int j = 0; j < ls; ++j) {
+    q[j] = v[j];
+    ones[j] = T(1);
+  }
+  nonlin_plane<T>(st.nonlin, false, v, nullptr, q, q, &kOneRow, ones, 1, ls, ls, 0, 0, T(st.p0),
+                  T(st.p1), T(st.p2));
+}
+
 // ------------------------------------------------------------------------------------------
 // Per-image variance maps of segment s (fused_cnn.py `_variance_chain`), from v0 (lh × lw,
 // zero outside the valid input; row stride v0_stride). Written periodically per row (stride
@@ -486,16 +523,17 @@ void compute_maps(Ctx<T>& cx, int s, int n, const T* v0, int v0_stride, Scratch<
     const Step& st = plan.step[k];
     if (st.type == STEP_NONLIN) {
       T* map = cx.maps.data() + n * cx.map_stride + cx.map_off[sg.nonlin_base + st.nonlin_index];
-      for (int i = 0; i < lh; ++i)
-        for (int j = 0; j < lw; ++j) {
-          const bool in = i < hv && j < wv;
-          const T vf = in ? v[(long)i * ls + j] : T(1);
-          for (int jj = j; jj < ms; jj += lw) map[(long)i * ms + jj] = vf;
-          T dot;
-          const T out = nonlin_expectation<T>(st.nonlin, T(st.p0), T(st.p1), T(st.p2), vf, vf,
-                                              vf, &dot);
-          v[(long)i * ls + j] = (i < st.hv && j < st.wv) ? out : T(0);
+      for (int i = 0; i < lh; ++i) {
+        T* row = v + (long)i * ls;
+        for (int j = 0; j < ls; ++j) {
+          const T vf = (i < hv && j < wv) ? row[j] : T(1);
+          if (j < lw)
+            for (int jj = j; jj < ms; jj += lw) map[(long)i * ms + jj] = vf;
+          row[j] = vf;
         }
+        diag_row(st, row, sc.row.data(), sc.ext.data(), ls);
+        for (int j = 0; j < ls; ++j) row[j] = (i < st.hv && j < st.wv) ? row[j] : T(0);
+      }
     } else {
       const bool conv = st.type == STEP_CONV;
       const double scale = conv ? 1.0 / (double(st.fh) * st.fw) : 1.0;
@@ -615,6 +653,18 @@ struct PairOut {
   double nngp = 0, ntk = 0;
 };
 
+// Σ x[e] in double, n a multiple of 4 (rows of stride ls). The AVX2 float version keeps 8
+// partial sums (an ordered double sum does not vectorize: one add per 4-cycle latency).
+template <class T>
+double plane_sum(const T* x, long n) {
+#if NTF_HAND_SIMD
+  if constexpr (std::is_same<T, float>::value) return simd::sum_f32(x, n);
+#endif
+  double s = 0;
+  for (long e = 0; e < n; ++e) s += x[e];
+  return s;
+}
+
 // Rows [r0, r1) of segment s for pair (a, b): stores planes (pooling segment) or adds the
 // readout sums of each row into row_d/row_t (indexed by δh).
 template <class T>
@@ -640,13 +690,9 @@ void segment_rows(const Ctx<T>& cx, int s, int a, int b, PairWs<T>& pw,
         }
       } else {
         // Padding columns are 0; double accumulators.
-        double sd = 0, st = 0;
         const long n = (long)lh * ls;
-        for (long e = 0; e < n; ++e) sd += d[e];
-        if (cx.compute_ntk)
-          for (long e = 0; e < n; ++e) st += t[e];
-        rd += sd;
-        rt += st;
+        rd += plane_sum(d, n);
+        if (cx.compute_ntk) rt += plane_sum(t, n);
       }
     }
     if (sg.end != END_POOL) {

@@ -394,6 +394,37 @@ def test_f32_accuracy_rule():
 
 
 @needs_cpu
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
+@pytest.mark.parametrize("nonlin", [RELU, LEAKY, ABS], ids=["relu", "leaky", "abs"])
+def test_f32_relu_family_extreme_inputs(scale, nonlin):
+    # The AVX2 f32 ReLU-family row (kernels/cpu/simd_avx2.h: exponent normalization, Kahan
+    # determinant, polynomial atan) on the inputs where its shortcuts could break: tiny and huge
+    # variances (q ~ 1e±24: q11·q22 would under/overflow f32 without the normalization; much
+    # smaller images make the f32 input products x_a·x_b themselves subnormal), exactly parallel
+    # and antiparallel pairs (x2 = 2·x1: det = 0 and Σ̇ = 1/2 exactly; x2 = −x1: θ = π), a zero
+    # image (the origin: θ = π/2 by convention) and self pairs (compute_cov). Same 2×-XLA-f32
+    # rule as above, per output. Not here: nearly parallel pairs (x2 = x1 + 1e-3·noise), where
+    # θ ~ √(1 − ρ) turns the f32 rounding of the *inputs* q12, q11, q22 into ~1e-6 errors in any
+    # f32 implementation, XLA's included, so "2× XLA's error" compares two rounding accidents.
+    plan = (_conv((1, 1), b=0.0), nonlin, _conv((2, 2), b=0.0), nonlin, fc.Readout("GAP"))
+    base = np.asarray(_images((2, 5, 7, 3), 11))
+    x1 = scale * np.concatenate([base, np.zeros((1, 5, 7, 3))])
+    x2 = scale * np.concatenate([2.0 * base[:1], -base[1:]])
+    x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
+    truth = oracle(plan, x1, x2)
+    y1, y2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    xla32 = _both(plan, y1, y2, "xla", compute_cov=True)
+    nat32 = _both(plan, y1, y2, "native", compute_cov=True)
+    for k, (t, a, b) in enumerate(zip(truth, xla32, nat32)):
+        b = np.asarray(b, np.float64)
+        assert np.all(np.isfinite(b)), k
+        tscale = float(np.max(np.abs(t)))
+        err_xla = float(np.max(np.abs(np.asarray(a, np.float64) - t)))
+        err_nat = float(np.max(np.abs(b - t)))
+        assert err_nat <= 2 * err_xla + 1e-6 * tscale, (k, err_nat, err_xla, tscale)
+
+
+@needs_cpu
 def test_jit_vmap_grad():
     plan = PLANS["pool-same-norm"]
     x1, x2 = _images((2, 6, 5, 2), 8), _images((3, 6, 5, 2), 9)
