@@ -10,14 +10,16 @@
 // q22 = V_b[(i + δh) mod Lh, (j + δw) mod Lw] read straight from a row-periodic variance map
 // (no per-plane gather). Readouts reduce each plane as it finishes (double accumulators); a
 // pooling segment stores its planes (packed layout) and pools them directly into the next
-// segment's packed layout through per-axis tap tables (no unpacking).
+// segment's packed layout (no unpacking), separably: an h pass over contiguous rows, then a w
+// pass through per-axis tap tables (pool_rows).
 //
 // Threads: pairs are independent (one pair workspace per thread) when there are enough of them;
 // otherwise each pair's segment is split over its δh rows and its pooling over output rows.
 // Per-image work first: channel-planar zero-padded images, and the variance maps of every
 // nonlinearity (self pairs: the maps of segment s + 1 come from the δ = 0 plane of the pooled
 // self covariance; when no one reads the self pair's kernel value, it runs only the offsets those
-// maps depend on). Nothing is allocated per plane: scratch is allocated once per call.
+// maps depend on). Nothing is allocated per plane: scratch is allocated once per call, and the
+// large pair workspaces are reused across calls (WsCache).
 //
 // Vectorization. Plane rows have a padded stride `ls` (a multiple of kVec = 4 entries) and every
 // row loop runs over all `ls` columns (padding columns are masked to 0), with `#pragma GCC ivdep`
@@ -35,6 +37,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -108,8 +112,16 @@ inline int pmod(int x, int n) {
 template <class T>
 struct Scratch {
   std::vector<T> d, t, sd, st, row, ext, ext2, mw, v;
+  std::vector<T> g_d, g_t;  // h-pooled rows of one output row δh' (pool_rows)
   std::vector<int> mh;
-  void init(long plane, int ls_max, int f_max) {
+  std::vector<long> taps;  // (δh, x) tap offsets of the rows of one output row δh'
+  std::vector<int> n_taps;
+  void init(long plane, int ls_max, int f_max, long g_size, int ntk, long n_taps_max,
+            int rows_max) {
+    g_d.assign(g_size, T(0));
+    if (ntk) g_t.assign(g_size, T(0));
+    taps.assign(n_taps_max, 0);
+    n_taps.assign(rows_max, 0);
     d.assign(plane, T(0));
     t.assign(plane, T(0));
     sd.assign(plane, T(0));
@@ -129,12 +141,74 @@ struct PairWs {
   std::vector<T> full_d, full_t, pin_d, pin_t;
 };
 
+// The pair workspaces (full_d/full_t: (lh·lw)² entries, several MB) outlive a call: a call
+// takes a set from a process-wide free list (mutex: XLA may run the handler on several threads
+// at once; each call owns its set while it runs) and gives it back at the end, so later calls
+// skip the allocation, the zero fill and the page faults of the first touch. Buffers only grow
+// (new entries zero). Every entry a call reads was written earlier in the same pair (planes
+// stored before they are pooled, pooled offsets before the next segment runs them), so stale
+// values from earlier calls are never read. At most kKeptSets sets of at most kKeptBytes each
+// stay cached between calls.
+template <class T>
+class WsCache {
+ public:
+  using Set = std::vector<PairWs<T>>;
+  static constexpr size_t kKeptSets = 2;
+  static constexpr size_t kKeptBytes = size_t(256) << 20;  // 32² images: ~19 MB (f32, 2 threads)
+
+  static std::unique_ptr<Set> take() {
+    WsCache& c = instance();
+    std::lock_guard<std::mutex> lock(c.mu_);
+    if (c.free_.empty()) return std::unique_ptr<Set>(new Set());
+    std::unique_ptr<Set> s = std::move(c.free_.back());
+    c.free_.pop_back();
+    return s;
+  }
+
+  static void give(std::unique_ptr<Set> s) {
+    size_t bytes = 0;
+    for (const PairWs<T>& w : *s)
+      bytes += sizeof(T) * (w.full_d.size() + w.full_t.size() + w.pin_d.size() + w.pin_t.size());
+    if (bytes > kKeptBytes) return;
+    WsCache& c = instance();
+    std::lock_guard<std::mutex> lock(c.mu_);
+    if (c.free_.size() < kKeptSets) c.free_.push_back(std::move(s));
+  }
+
+  // Holds a set for the lifetime of one call.
+  struct Lease {
+    std::unique_ptr<Set> set = take();
+    ~Lease() { give(std::move(set)); }
+  };
+
+ private:
+  static WsCache& instance() {
+    static WsCache c;
+    return c;
+  }
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Set>> free_;
+};
+
+template <class T>
+inline void grow_zero(std::vector<T>& v, long n) {
+  if ((long)v.size() >= n) return;
+  std::vector<T>().swap(v);  // no copy of the old contents
+  v.assign(n, T(0));
+}
+
 // Per pooling segment: for each axis, window taps of every output index (-1: zero padding) and
-// the AvgPool reciprocal divisors.
+// the AvgPool reciprocal divisors. For the w pass of pool_rows, per output offset δw' and
+// position j' of the next grid (lw2): col_cnt[δw'·lw2 + j'] taps at offsets
+// col_off[(δw'·lw2 + j')·pw² + t] = δw·lh2·lw + xw into the h-pooled rows G[δw][i'][xw]
+// (δw = (yw − xw) mod lw; xw, yw the taps of j', l' = (j' + δw') mod lw2), and
+// col_scale = inv_w[j']·inv_w[l']; no taps and scale 0 where j' is not a valid position.
 struct PoolTables {
   int ph = 0, pw = 0;
   std::vector<int> taps_h, taps_w;
   std::vector<double> inv_h, inv_w;
+  std::vector<int> col_cnt, col_off;
+  std::vector<double> col_scale;
 };
 
 template <class T>
@@ -151,6 +225,8 @@ struct Ctx {
   std::vector<T> maps;  // n_img × map_stride; lh × periodic_stride(lw) per map, like the images
   std::vector<PoolTables> pools;
   long max_plane = 0, max_full = 0, max_pin = 0;  // max_plane: lh·ls; full/pin: (lh·lw)²
+  long max_g = 0, max_taps = 1;  // pool_rows scratch: lw·lh2·lw, lh2·ph²
+  int max_lh2 = 1;
   // Offsets each segment runs: `full` (every plane; FLATTEN: δ = 0 only) and, for self pairs
   // whose kernel values nobody reads, `cone`: only the offsets the later segments' variance
   // maps depend on (fused_cnn.py `_variance_radii`); such self pairs stop at segment last_nl.
@@ -557,71 +633,145 @@ void compute_maps(Ctx<T>& cx, int s, int n, const T* v0, int v0_stride, Scratch<
 }
 
 // ------------------------------------------------------------------------------------------
-// Pooling of a pair's stored segment output (packed, grid of seg s) into the packed input of
-// segment s + 1, output rows δh' in [r0, r1).
+// g[xw] = Σ_{t<n} f[base[t] + xw] for xw < lw (pass 1 of pool_rows), two taps per sweep.
 template <class T>
-void pool_rows(const Ctx<T>& cx, int s, PairWs<T>& pw, const std::vector<int>& rows, int r0,
-               int r1, const std::vector<int>& cols) {
+inline void pool_h_row(T* NTF_R g, const T* NTF_R f, const long* base, int n, int lw) {
+  if (n == 0) {
+    for (int j = 0; j < lw; ++j) g[j] = T(0);
+    return;
+  }
+  int t = 0;
+  if (n & 1) {
+    const T* NTF_R f0 = f + base[0];
+    NTF_IVDEP for (int j = 0; j < lw; ++j) g[j] = f0[j];
+    t = 1;
+  } else {
+    const T* NTF_R f0 = f + base[0];
+    const T* NTF_R f1 = f + base[1];
+    NTF_IVDEP for (int j = 0; j < lw; ++j) g[j] = f0[j] + f1[j];
+    t = 2;
+  }
+  for (; t < n; t += 2) {
+    const T* NTF_R f0 = f + base[t];
+    const T* NTF_R f1 = f + base[t + 1];
+    NTF_IVDEP for (int j = 0; j < lw; ++j) g[j] += f0[j] + f1[j];
+  }
+}
+
+// Pooling of a pair's stored segment output (packed F[δh][δw][x][xw], grid (lh, lw) of segment
+// s) into the packed input of segment s + 1 (P[δh'][δw'][i'][j'], grid (lh2, lw2)), output rows
+// δh' in [r0, r1). The pooled entry (i', j') of offset (δh', δw') pairs the windows of i', j'
+// with those of k' = (i' + δh') mod lh2, l' = (j' + δw') mod lw2:
+//   P = s_h(i') s_h(k') s_w(j') s_w(l') Σ_{x ∈ win(i'), y ∈ win(k'), xw ∈ win(j'), yw ∈ win(l')}
+//       F[(y − x) mod lh][(yw − xw) mod lw][x][xw],
+// separable into an h pass and a w pass, both per output row δh' (threads stay independent):
+//   1. G[δw][i'][xw] = Σ_{x, y} F[(y − x) mod lh][δw][x][xw] for every stored δw and valid i':
+//      (y − x, x) tap pairs, each adding a contiguous row of lw entries (vectorized);
+//   2. P[δh'][δw'][i'][j'] = s_h s_h s_w s_w Σ_{xw, yw} G[(yw − xw) mod lw][i'][xw] through the
+//      per-(δw', j') tap offsets of PoolTables (zero taps where j' is not valid).
+// Reads only the stored planes: the h taps of valid rows reach the stored δh (the self pair's
+// cone lists are closed under this, fused_cnn.py `_variance_radii`), pass 2 the stored δw.
+// Cost per output row: ph² row adds over lw·lh2·lw entries + pw² taps per output entry, instead
+// of ph²·pw² scalar taps per output entry.
+template <class T>
+void pool_rows(const Ctx<T>& cx, int s, PairWs<T>& pw, const typename Ctx<T>::Lists& li, int r0,
+               int r1, Scratch<T>& sc) {
   const Plan& plan = *cx.plan;
   const Seg& sg = plan.seg[s];
   const Seg& nx = plan.seg[s + 1];
   const PoolTables& pt = cx.pools[s];
   const int lh = sg.lh, lw = sg.lw, lh2 = nx.lh, lw2 = nx.lw;
-  const int ho = nx.hv_in, wo = nx.wv_in, ph = pt.ph, pw_ = pt.pw;
-  const long plane = (long)lh * lw, plane2 = (long)lh2 * lw2;
+  const int ho = nx.hv_in, ph = pt.ph, np_w = pt.pw * pt.pw;
+  const long plane = (long)lh * lw, plane2 = (long)lh2 * lw2, gdw = (long)lh2 * lw;
   const bool ntk = cx.compute_ntk;
   const T* fd = pw.full_d.data();
   const T* ft = ntk ? pw.full_t.data() : nullptr;
-  for (int ri = r0; ri < r1; ++ri)
-    for (const int dw : cols) {
-      const int dh = rows[ri];
-      T* od = pw.pin_d.data() + ((long)dh * lw2 + dw) * plane2;
-      T* ot = ntk ? pw.pin_t.data() + ((long)dh * lw2 + dw) * plane2 : nullptr;
-      for (int i = 0; i < lh2; ++i)
-        for (int j = 0; j < lw2; ++j) {
-          const long o = (long)i * lw2 + j;
-          if (!packed_valid(i, dh, lh2, ho) || !packed_valid(j, dw, lw2, wo)) {
-            od[o] = T(0);
-            if (ntk) ot[o] = T(0);
-            continue;
+  T* NTF_R gd = sc.g_d.data();
+  T* NTF_R gt = ntk ? sc.g_t.data() : nullptr;
+  long* base = sc.taps.data();
+  int* n_h = sc.n_taps.data();
+  for (int ri = r0; ri < r1; ++ri) {
+    const int dh = li.pool_rows[ri];
+    // Pass 1 (h axes): the (δh, x) tap lists of every valid row i', then per stored δw all rows
+    // (consecutive i' read consecutive rows x of the same few planes: prefetch-friendly).
+    for (int i = 0; i < lh2; ++i) {
+      n_h[i] = -1;  // row not valid: never pooled (zero in pass 2)
+      if (packed_valid(i, dh, lh2, ho)) {
+        int n = 0;
+        const int k = (i + dh) % lh2;
+        const int* xi = &pt.taps_h[(long)i * ph];
+        const int* yk = &pt.taps_h[(long)k * ph];
+        long* bi = base + (long)i * ph * ph;
+        for (int a = 0; a < ph; ++a) {
+          const int x = xi[a];
+          if (x < 0) continue;
+          for (int a2 = 0; a2 < ph; ++a2) {
+            const int y = yk[a2];
+            if (y < 0) continue;
+            const int dy = y - x;  // |y − x| < lh
+            bi[n++] = (long)(dy < 0 ? dy + lh : dy) * lw * plane + (long)x * lw;
           }
-          const int k = (i + dh) % lh2, l = (j + dw) % lw2;
-          const int* xi = &pt.taps_h[(long)i * ph];
-          const int* yk = &pt.taps_h[(long)k * ph];
-          const int* xj = &pt.taps_w[(long)j * pw_];
-          const int* yl = &pt.taps_w[(long)l * pw_];
-          T sd = T(0), stv = T(0);
-          for (int a = 0; a < ph; ++a) {
-            const int x = xi[a];
-            if (x < 0) continue;
-            for (int a2 = 0; a2 < ph; ++a2) {
-              const int y = yk[a2];
-              if (y < 0) continue;
-              // |y − x| < lh: one conditional add instead of an integer modulo per tap.
-              const int dy = y - x;
-              const long base = (long)(dy < 0 ? dy + lh : dy) * lw;
-              for (int bb = 0; bb < pw_; ++bb) {
-                const int xw = xj[bb];
-                if (xw < 0) continue;
-                for (int b2 = 0; b2 < pw_; ++b2) {
-                  const int yw = yl[b2];
-                  if (yw < 0) continue;
-                  const int dx = yw - xw;
-                  const long idx = (base + (dx < 0 ? dx + lw : dx)) * plane + (long)x * lw + xw;
-                  sd += fd[idx];
-                  if (ntk) stv += ft[idx];
-                }
-              }
-            }
-          }
-          const T scale = T(pt.inv_h[i] * pt.inv_h[k] * pt.inv_w[j] * pt.inv_w[l]);
-          od[o] = sd * scale;
-          if (ntk) ot[o] = stv * scale;
         }
+        n_h[i] = n;
+      }
     }
+    for (const int dw : li.cols) {
+      const T* fdw = fd + (long)dw * plane;
+      const T* ftw = ntk ? ft + (long)dw * plane : nullptr;
+      for (int i = 0; i < lh2; ++i) {
+        if (n_h[i] < 0) continue;
+        const long go = (long)dw * gdw + (long)i * lw;
+        const long* bi = base + (long)i * ph * ph;
+        pool_h_row(gd + go, fdw, bi, n_h[i], lw);
+        if (ntk) pool_h_row(gt + go, ftw, bi, n_h[i], lw);
+      }
+    }
+    // Pass 2 (w axes).
+    for (const int dw : li.pool_cols) {
+      T* NTF_R od = pw.pin_d.data() + ((long)dh * lw2 + dw) * plane2;
+      T* NTF_R ot = ntk ? pw.pin_t.data() + ((long)dh * lw2 + dw) * plane2 : nullptr;
+      const int* cnt = &pt.col_cnt[(long)dw * lw2];
+      const int* off = &pt.col_off[(long)dw * lw2 * np_w];
+      const double* cs = &pt.col_scale[(long)dw * lw2];
+      for (int i = 0; i < lh2; ++i) {
+        T* NTF_R orow_d = od + (long)i * lw2;
+        T* NTF_R orow_t = ntk ? ot + (long)i * lw2 : nullptr;
+        if (!packed_valid(i, dh, lh2, ho)) {
+          for (int j = 0; j < lw2; ++j) orow_d[j] = T(0);
+          if (ntk)
+            for (int j = 0; j < lw2; ++j) orow_t[j] = T(0);
+          continue;
+        }
+        const double hs = pt.inv_h[i] * pt.inv_h[(i + dh) % lh2];
+        const T* NTF_R grow_d = gd + (long)i * lw;
+        if (ntk) {
+          const T* NTF_R grow_t = gt + (long)i * lw;
+          for (int j = 0; j < lw2; ++j) {
+            const int* o = off + (long)j * np_w;
+            T sd = T(0), st = T(0);
+            for (int t = 0; t < cnt[j]; ++t) {
+              sd += grow_d[o[t]];
+              st += grow_t[o[t]];
+            }
+            const T scale = T(hs * cs[j]);
+            orow_d[j] = sd * scale;
+            orow_t[j] = st * scale;
+          }
+        } else {
+          for (int j = 0; j < lw2; ++j) {
+            const int* o = off + (long)j * np_w;
+            T sd = T(0);
+            for (int t = 0; t < cnt[j]; ++t) sd += grow_d[o[t]];
+            orow_d[j] = sd * T(hs * cs[j]);
+          }
+        }
+      }
+    }
+  }
 }
 
-inline void make_pool_tables(const Seg& sg, PoolTables* pt) {
+// Per-axis tap tables of pooling segment sg (grid lw) into segment nx (see PoolTables).
+inline void make_pool_tables(const Seg& sg, const Seg& nx, PoolTables* pt) {
   const int hv = sg.hv_out, wv = sg.wv_out;
   auto axis = [&](int size, int p, int s, int lo, int n_out, std::vector<int>* taps,
                   std::vector<double>* inv) {
@@ -644,6 +794,31 @@ inline void make_pool_tables(const Seg& sg, PoolTables* pt) {
   pt->pw = sg.pool_ww;
   axis(hv, sg.pool_wh, sg.pool_sh, sg.pool_lo_h, sg.pool_out_h, &pt->taps_h, &pt->inv_h);
   axis(wv, sg.pool_ww, sg.pool_sw, sg.pool_lo_w, sg.pool_out_w, &pt->taps_w, &pt->inv_w);
+  // The pooling writes every packed position of the next grid (lh2, lw2); taps of positions
+  // beyond the valid output size are never used (those entries are zero).
+  const int lw = sg.lw, lh2 = nx.lh, lw2 = nx.lw, wo = nx.wv_in, pw = pt->pw, np = pw * pw;
+  pt->col_cnt.assign((long)lw2 * lw2, 0);
+  pt->col_off.assign((long)lw2 * lw2 * np, 0);
+  pt->col_scale.assign((long)lw2 * lw2, 0.0);
+  for (int dw = 0; dw < lw2; ++dw)
+    for (int j = 0; j < lw2; ++j) {
+      if (!packed_valid(j, dw, lw2, wo)) continue;
+      const int l = (j + dw) % lw2;
+      const long e = (long)dw * lw2 + j;
+      int n = 0;
+      for (int b = 0; b < pw; ++b) {
+        const int xw = pt->taps_w[(long)j * pw + b];
+        if (xw < 0) continue;
+        for (int b2 = 0; b2 < pw; ++b2) {
+          const int yw = pt->taps_w[(long)l * pw + b2];
+          if (yw < 0) continue;
+          const int dx = pmod(yw - xw, lw);
+          pt->col_off[e * np + n++] = (int)((long)dx * lh2 * lw + xw);
+        }
+      }
+      pt->col_cnt[e] = n;
+      pt->col_scale[e] = pt->inv_w[j] * pt->inv_w[l];
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -739,11 +914,11 @@ PairOut run_pair(Ctx<T>& cx, int a, int b, bool self, PairWs<T>& pw,
     if (sg.end == END_POOL) {
       const int n_out = (int)li.pool_rows.size();
       if (nthreads > 1 && n_out > 1)
-        parallel_for(nthreads, n_out, [&](long r, int) {
-          pool_rows(cx, s, pw, li.pool_rows, (int)r, (int)r + 1, li.pool_cols);
+        parallel_for(nthreads, n_out, [&](long r, int tid) {
+          pool_rows(cx, s, pw, li, (int)r, (int)r + 1, scratch[tid]);
         });
       else
-        pool_rows(cx, s, pw, li.pool_rows, 0, n_out, li.pool_cols);
+        pool_rows(cx, s, pw, li, 0, n_out, scratch[scratch0]);
     } else {
       double sd = 0, st = 0;
       for (int r = 0; r < n_rows; ++r) {
@@ -797,7 +972,11 @@ const char* run_typed(const RunArgs& args) {
       const Seg& nx = plan.seg[s + 1];
       const long p2 = (long)nx.lh * nx.lw;
       if (p2 * p2 > cx.max_pin) cx.max_pin = p2 * p2;
-      make_pool_tables(sg, &cx.pools[s]);
+      const long g = (long)sg.lw * nx.lh * sg.lw, nt = (long)nx.lh * sg.pool_wh * sg.pool_wh;
+      if (g > cx.max_g) cx.max_g = g;
+      if (nt > cx.max_taps) cx.max_taps = nt;
+      if (nx.lh > cx.max_lh2) cx.max_lh2 = nx.lh;
+      make_pool_tables(sg, nx, &cx.pools[s]);
     }
   }
 
@@ -878,17 +1057,22 @@ const char* run_typed(const RunArgs& args) {
   std::memset(cov2, 0, sizeof(T) * n2);
 
   const bool has_pool = plan.n_segments > 1;
+  typename WsCache<T>::Lease lease;
+  std::vector<PairWs<T>>& ws_set = *lease.set;
+  if ((int)ws_set.size() < nthreads) ws_set.resize(nthreads);
   auto make_ws = [&](PairWs<T>& pw) {
     if (!has_pool) return;
-    pw.full_d.assign(cx.max_full, T(0));
-    pw.pin_d.assign(cx.max_pin, T(0));
+    grow_zero(pw.full_d, cx.max_full);
+    grow_zero(pw.pin_d, cx.max_pin);
     if (cx.compute_ntk) {
-      pw.full_t.assign(cx.max_full, T(0));
-      pw.pin_t.assign(cx.max_pin, T(0));
+      grow_zero(pw.full_t, cx.max_full);
+      grow_zero(pw.pin_t, cx.max_pin);
     }
   };
   std::vector<Scratch<T>> scratch(nthreads);
-  for (auto& sc : scratch) sc.init(cx.max_plane, cx.ls_max, cx.f_max);
+  for (auto& sc : scratch)
+    sc.init(cx.max_plane, cx.ls_max, cx.f_max, cx.max_g, cx.compute_ntk, cx.max_taps,
+            cx.max_lh2);
 
   // Pair mode (one pair per thread) when there are enough pairs, else rows of one pair.
   auto run_all = [&](long n_items, auto&& pair_of, auto&& store) {
@@ -896,9 +1080,9 @@ const char* run_typed(const RunArgs& args) {
     const bool pair_mode = nthreads == 1 || n_items >= 2L * nthreads;
     if (pair_mode) {
       const int nt = (int)(n_items < nthreads ? n_items : nthreads);
-      std::vector<PairWs<T>> ws(nt);
+      std::vector<PairWs<T>>& ws = ws_set;
       std::vector<std::vector<double>> rows(nt, std::vector<double>(2 * (cx.max_plane + 1)));
-      for (auto& w : ws) make_ws(w);
+      for (int k = 0; k < nt; ++k) make_ws(ws[k]);
       parallel_for(nt, n_items, [&](long it, int tid) {
         int a, b;
         bool self;
@@ -907,7 +1091,7 @@ const char* run_typed(const RunArgs& args) {
         store(it, o);
       });
     } else {
-      PairWs<T> w;
+      PairWs<T>& w = ws_set[0];
       make_ws(w);
       std::vector<double> rows(2 * (cx.max_plane + 1));
       for (long it = 0; it < n_items; ++it) {
