@@ -5,7 +5,7 @@
 // Operands x1 (N1, H, W, C), x2 (N2, H, W, C), both F32 or both F64. Results nngp (N1, N2),
 // ntk (N1, N2), cov1 (N1,), cov2 (N2,). Attributes plan_i (int64[]), plan_f (f64[]), sym,
 // compute_ntk, compute_cov, threads (int64; threads 0 = NTFAST_NUM_THREADS or the CPUs this
-// process may run on). NTFAST_SIMD=generic forces the portable loops (tests use it).
+// process may run on). NTFAST_SIMD=avx2|generic caps the ISA variant (tests use it).
 #include <sched.h>
 
 #include <cstdlib>
@@ -44,10 +44,24 @@ bool have_avx2() {
 #endif
 }
 
-// "avx2" or "generic": the loops a call runs now.
+bool have_avx512() {
+#if defined(NTF_HAVE_AVX512_TU) && (defined(__x86_64__) || defined(__i386__))
+  static const bool ok = have_avx2() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512vl") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// "avx512", "avx2" or "generic": the loops a call runs now, the best this CPU and build have,
+// or fewer with NTFAST_SIMD=avx2|generic (tests run every variant the machine can).
 const char* selected_simd() {
   const char* env = std::getenv("NTFAST_SIMD");
   if (env && std::strcmp(env, "generic") == 0) return "generic";
+  if (env && std::strcmp(env, "avx2") == 0) return have_avx2() ? "avx2" : "generic";
+  if (have_avx512()) return "avx512";
   return have_avx2() ? "avx2" : "generic";
 }
 
@@ -105,9 +119,10 @@ static ffi::Error FusedCnnCpu(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Span<co
   args.compute_cov = compute_cov != 0;
   args.threads = threads > 0 ? (int)threads : ntf::cpu::auto_threads();
   if (n1 == 0 || n2 == 0) return ffi::Error::Success();
-  const char* err = std::strcmp(ntf::cpu::selected_simd(), "avx2") == 0
-                        ? ntf::cpu::avx2::run(args)
-                        : ntf::cpu::generic::run(args);
+  const char* simd = ntf::cpu::selected_simd();
+  const char* err = std::strcmp(simd, "avx512") == 0 ? ntf::cpu::avx512::run(args)
+                    : std::strcmp(simd, "avx2") == 0 ? ntf::cpu::avx2::run(args)
+                                                     : ntf::cpu::generic::run(args);
   if (err) return ffi::Error::InvalidArgument(std::string("ntfast_fused_cnn: ") + err);
   return ffi::Error::Success();
 }

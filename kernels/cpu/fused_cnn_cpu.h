@@ -1,6 +1,7 @@
 // ntfast — CPU fused CNN kernel: the interface between the XLA FFI handler (fused_cnn.cc) and the
-// plane loops, which are compiled twice (fused_cnn_avx2.cc with -mavx2 -mfma, fused_cnn_generic.cc
-// for the baseline ISA) from fused_cnn_impl.h; the handler picks one at run time.
+// plane loops, which are compiled three times from fused_cnn_impl.h (fused_cnn_avx512.cc with
+// AVX-512 VL, fused_cnn_avx2.cc with -mavx2 -mfma, fused_cnn_generic.cc for the baseline ISA);
+// the handler picks one at run time.
 #pragma once
 
 #include "plan.h"
@@ -29,6 +30,9 @@ namespace generic {
 const char* run(const RunArgs& args);
 }
 namespace avx2 {
+const char* run(const RunArgs& args);
+}
+namespace avx512 {
 const char* run(const RunArgs& args);
 }
 

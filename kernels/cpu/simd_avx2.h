@@ -42,7 +42,8 @@ inline __m256 rcp_nr(__m256 x) {
 // abrelu expectation of U×8 entries: nngp = f·k1 + ab·q12, dot = f·k0 + ab (fused_math.h).
 // The U vectors go through each stage together (independent dependency chains side by side:
 // one chain is ~100 cycles of latency and fills the FP scheduler on its own).
-template <int U>
+// PLAIN: ReLU itself (a = 0, b = 1: f = 1, ab = 0), three multiplies fewer per vector.
+template <int U, bool PLAIN>
 inline void abrelu8(const __m256* q12, const __m256* q11, const __m256* q22, __m256 f, __m256 ab,
                     __m256* nngp, __m256* dot) {
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -52,12 +53,13 @@ inline void abrelu8(const __m256* q12, const __m256* q11, const __m256* q22, __m
   const __m256 tiny = _mm256_set1_ps(FLT_MIN);
   __m256 scale[U], c[U], sn[U], t[U], at[U];
   for (int u = 0; u < U; ++u) {
-    const __m256 m = _mm256_max_ps(_mm256_max_ps(q11[u], q22[u]), _mm256_and_ps(q12[u], absmask));
-    // Normalize by 2^-e, e = the exponent of m (clamped to the normal range): exact scaling by
-    // two integer ops, so the normalized a, b, c ∈ [0, 2) carry no rounding and on the
-    // diagonal stay bit-equal. scale = 2^e multiplies k1 back.
+    // m = max(q11, q22) ≥ |q12| (a covariance: |q12| ≤ √(q11 q22), up to rounding).
+    const __m256 m = _mm256_max_ps(q11[u], q22[u]);
+    // Normalize by 2^-e, e = the exponent of m: exact scaling by two integer ops, so the
+    // normalized a, b, c ∈ [0, 2] carry no rounding and on the diagonal stay bit-equal.
+    // scale = 2^e multiplies k1 back. e is capped at 126 (finite inv); m = 0 or subnormal gives
+    // scale = 0, inv = 2^127: the angle stays right and k1 (≤ m < FLT_MIN) flushes to 0.
     __m256i eb = _mm256_and_si256(_mm256_castps_si256(m), _mm256_set1_epi32(0x7f800000));
-    eb = _mm256_max_epi32(eb, _mm256_set1_epi32(0x00800000));
     eb = _mm256_min_epi32(eb, _mm256_set1_epi32(0x7e800000));
     const __m256 inv = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(0x7f000000), eb));
     scale[u] = _mm256_castsi256_ps(eb);
@@ -109,19 +111,24 @@ inline void abrelu8(const __m256* q12, const __m256* q11, const __m256* q22, __m
     const __m256 k0 = _mm256_mul_ps(pm, inv2pi);
     const __m256 k1 =
         _mm256_mul_ps(_mm256_mul_ps(scale[u], _mm256_fmadd_ps(pm, c[u], sn[u])), inv2pi);
-    nngp[u] = _mm256_fmadd_ps(f, k1, _mm256_mul_ps(ab, q12[u]));
-    dot[u] = _mm256_fmadd_ps(f, k0, ab);
+    nngp[u] = PLAIN ? k1 : _mm256_fmadd_ps(f, k1, _mm256_mul_ps(ab, q12[u]));
+    dot[u] = PLAIN ? k0 : _mm256_fmadd_ps(f, k0, ab);
   }
 }
 
 // One plane row of an abrelu step (fused_cnn_impl.h `nonlin_row`): dr ← nngp·mw,
-// tr ← tr·dot·mw (TLIVE). ls is a multiple of 4: 8-wide vectors, then one masked 4-wide tail.
-template <bool TLIVE>
-inline void abrelu_row(float* __restrict__ dr, float* __restrict__ tr,
-                       const float* __restrict__ q11, const float* __restrict__ q22,
-                       const float* __restrict__ mw, int ls, float pa, float pb) {
+// tr ← tr·dot·mw (TLIVE). ls is a multiple of 4: 16 entries per step (two independent 8-lane
+// chains), then whole 8-lane vectors, then 4 entries in the low half of one (plain 128-bit
+// loads/stores: masked vmaskmovps stores cost ~70 cycles per row tail). mw holds 0 or 1: the
+// mask is applied as a bitwise AND (compare once, AND twice: off the multiply pipes, which the
+// expectation itself saturates).
+template <bool TLIVE, bool PLAIN>
+inline void abrelu_row_t(float* __restrict__ dr, float* __restrict__ tr,
+                         const float* __restrict__ q11, const float* __restrict__ q22,
+                         const float* __restrict__ mw, int ls, float pa, float pb) {
   const __m256 f = _mm256_set1_ps((pa - pb) * (pa - pb));
   const __m256 ab = _mm256_set1_ps(pa * pb);
+  const __m256 zero = _mm256_setzero_ps();
   int j = 0;
   constexpr int U = 2;
   for (; j + 8 * U <= ls; j += 8 * U) {
@@ -131,17 +138,15 @@ inline void abrelu_row(float* __restrict__ dr, float* __restrict__ tr,
       x11[u] = _mm256_loadu_ps(q11 + j + 8 * u);
       x22[u] = _mm256_loadu_ps(q22 + j + 8 * u);
     }
-    abrelu8<U>(x12, x11, x22, f, ab, nn, dot);
+    abrelu8<U, PLAIN>(x12, x11, x22, f, ab, nn, dot);
     for (int u = 0; u < U; ++u) {
-      const __m256 m = _mm256_loadu_ps(mw + j + 8 * u);
-      _mm256_storeu_ps(dr + j + 8 * u, _mm256_mul_ps(nn[u], m));
+      const __m256 m = _mm256_cmp_ps(_mm256_loadu_ps(mw + j + 8 * u), zero, _CMP_NEQ_UQ);
+      _mm256_storeu_ps(dr + j + 8 * u, _mm256_and_ps(nn[u], m));
       if (TLIVE)
         _mm256_storeu_ps(tr + j + 8 * u,
-                         _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(tr + j + 8 * u), dot[u]), m));
+                         _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(tr + j + 8 * u), dot[u]), m));
     }
   }
-  // The rest (a multiple of 4 entries): whole 8-lane vectors, then 4 entries in the low half
-  // of one (plain 128-bit loads/stores: masked vmaskmovps stores cost ~70 cycles per row tail).
   for (; j < ls; j += 8) {
     const bool half = j + 8 > ls;
     auto load = [&](const float* p) {
@@ -154,11 +159,21 @@ inline void abrelu_row(float* __restrict__ dr, float* __restrict__ tr,
         _mm256_storeu_ps(p, v);
     };
     __m256 x12 = load(dr + j), x11 = load(q11 + j), x22 = load(q22 + j), nn, dot;
-    abrelu8<1>(&x12, &x11, &x22, f, ab, &nn, &dot);
-    const __m256 m = load(mw + j);
-    store(dr + j, _mm256_mul_ps(nn, m));
-    if (TLIVE) store(tr + j, _mm256_mul_ps(_mm256_mul_ps(load(tr + j), dot), m));
+    abrelu8<1, PLAIN>(&x12, &x11, &x22, f, ab, &nn, &dot);
+    const __m256 m = _mm256_cmp_ps(load(mw + j), zero, _CMP_NEQ_UQ);
+    store(dr + j, _mm256_and_ps(nn, m));
+    if (TLIVE) store(tr + j, _mm256_and_ps(_mm256_mul_ps(load(tr + j), dot), m));
   }
+}
+
+template <bool TLIVE>
+inline void abrelu_row(float* __restrict__ dr, float* __restrict__ tr,
+                       const float* __restrict__ q11, const float* __restrict__ q22,
+                       const float* __restrict__ mw, int ls, float pa, float pb) {
+  if (pa == 0.0f && pb == 1.0f)
+    abrelu_row_t<TLIVE, true>(dr, tr, q11, q22, mw, ls, pa, pb);
+  else
+    abrelu_row_t<TLIVE, false>(dr, tr, q11, q22, mw, ls, pa, pb);
 }
 
 // Σ x[e] in double for n a multiple of 4: 8 partial sums (two 4-lane double vectors).

@@ -4,7 +4,7 @@ Numerics vs the XLA reference (the definition) in f64 over a sweep of qualifying
 sizes, paddings, parameterizations, every compiled nonlinearity, poolings, readouts, odd sizes,
 N1 ≠ N2, x2=None, compute_ntk/compute_cov off) and vs Neural Tangents for whole ``stax``
 networks; the f32 accuracy rule (native error ≤ 2× XLA-f32's error vs the f64 truth, + tiny abs);
-both ISA variants (AVX2 and the portable loops); jit / vmap / grad through the custom call; the
+every ISA variant the machine runs (AVX-512 VL, AVX2, the portable loops); jit / vmap / grad through the custom call; the
 backend flag (explicit native raises on an unsupported plan, auto falls back) and the
 unavailable-module report.
 
@@ -358,15 +358,28 @@ def test_optional_outputs(compute_ntk, compute_cov, sym):
     )
 
 
-@needs_cpu
-@pytest.mark.parametrize("simd", ["generic", "avx2"])
-def test_isa_variants_and_threads(simd, monkeypatch):
-    # The handler reads NTFAST_SIMD / NTFAST_NUM_THREADS per call: both ISA builds, pair-parallel
-    # (many pairs) and row-parallel (one pair) modes must give the same values.
+SIMD_VARIANTS = ["generic", "avx2", "avx512"]
+
+
+def _use_simd(simd, monkeypatch):
+    """Caps the handler's ISA variant at ``simd`` (read per call), or skips naming why it can't."""
+    monkeypatch.delenv("NTFAST_SIMD", raising=False)
     info = native.build_info()["_cpu"]
-    if simd == "avx2" and "avx2" not in info["simd"]:
-        pytest.skip("this build has no AVX2 variant (non-x86 or non-GCC/Clang compiler)")
+    if simd not in info["simd"].split("+"):
+        pytest.skip(f"this build has no {simd} variant ({info['simd']}: non-x86 or non-GCC/Clang)")
+    order = SIMD_VARIANTS.index
+    if order(info["simd_selected"]) < order(simd):
+        pytest.skip(f"this CPU cannot run the {simd} variant (best: {info['simd_selected']})")
     monkeypatch.setenv("NTFAST_SIMD", simd)
+    assert native.build_info()["_cpu"]["simd_selected"] == simd
+
+
+@needs_cpu
+@pytest.mark.parametrize("simd", SIMD_VARIANTS)
+def test_isa_variants_and_threads(simd, monkeypatch):
+    # The handler reads NTFAST_SIMD / NTFAST_NUM_THREADS per call: every ISA build, pair-parallel
+    # (many pairs) and row-parallel (one pair) modes must give the same values.
+    _use_simd(simd, monkeypatch)
     plan = PLANS["pool-same-norm"]
     x1, x2 = _images((4, 6, 5, 2), 4), _images((1, 6, 5, 2), 5)
     sym_fn = jax.jit(lambda a: _both(plan, a, None, "native"))
@@ -377,8 +390,11 @@ def test_isa_variants_and_threads(simd, monkeypatch):
 
 
 @needs_cpu
-def test_f32_accuracy_rule():
-    # Native f32 error ≤ 2× the XLA reference's f32 error, both against the f64 truth.
+@pytest.mark.parametrize("simd", SIMD_VARIANTS)
+def test_f32_accuracy_rule(simd, monkeypatch):
+    # Native f32 error ≤ 2× the XLA reference's f32 error, both against the f64 truth, for every
+    # ISA variant (the AVX2/AVX-512 ones run the hand-vectorized f32 ReLU rows).
+    _use_simd(simd, monkeypatch)
     for name in ("myrtle-like",):
         plan = PLANS[name]
         x1, x2 = _images((3, 8, 9, 3), 6), _images((2, 8, 9, 3), 7)
@@ -396,7 +412,8 @@ def test_f32_accuracy_rule():
 @needs_cpu
 @pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
 @pytest.mark.parametrize("nonlin", [RELU, LEAKY, ABS], ids=["relu", "leaky", "abs"])
-def test_f32_relu_family_extreme_inputs(scale, nonlin):
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
+def test_f32_relu_family_extreme_inputs(simd, scale, nonlin, monkeypatch):
     # The AVX2 f32 ReLU-family row (kernels/cpu/simd_avx2.h: exponent normalization, Kahan
     # determinant, polynomial atan) on the inputs where its shortcuts could break: tiny and huge
     # variances (q ~ 1e±24: q11·q22 would under/overflow f32 without the normalization; much
@@ -406,6 +423,7 @@ def test_f32_relu_family_extreme_inputs(scale, nonlin):
     # rule as above, per output. Not here: nearly parallel pairs (x2 = x1 + 1e-3·noise), where
     # θ ~ √(1 − ρ) turns the f32 rounding of the *inputs* q12, q11, q22 into ~1e-6 errors in any
     # f32 implementation, XLA's included, so "2× XLA's error" compares two rounding accidents.
+    _use_simd(simd, monkeypatch)
     plan = (_conv((1, 1), b=0.0), nonlin, _conv((2, 2), b=0.0), nonlin, fc.Readout("GAP"))
     base = np.asarray(_images((2, 5, 7, 3), 11))
     x1 = scale * np.concatenate([base, np.zeros((1, 5, 7, 3))])
