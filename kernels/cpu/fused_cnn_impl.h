@@ -285,6 +285,16 @@ void box2d(const T* NTF_R src, T* NTF_R dst, T* NTF_R row, T* NTF_R ext, const i
   }
 }
 
+// dst[0..n) = src[0..n) for short rows (~33 entries): 32-byte chunks of constant size (inlined
+// vector moves), then the rest. A libc memcpy call per row cost 9% of Myrtle-10.
+template <class T>
+inline void copy_row(T* NTF_R dst, const T* NTF_R src, int n) {
+  constexpr int kChunk = 32 / sizeof(T);
+  int j = 0;
+  for (; j + kChunk <= n; j += kChunk) std::memcpy(dst + j, src + j, 32);
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
 // Row masks of a packed plane (δh, δw) for the valid size (hv, wv); padding columns are 0.
 template <class T>
 void plane_masks(Scratch<T>& sc, int lh, int lw, int ls, int dh, int dw, int hv, int wv) {
@@ -517,12 +527,27 @@ void image_plane(const Ctx<T>& cx, int a, int b, int dh, int dw, T* NTF_R d) {
     int ii = i + dh;
     ii = ii >= lh ? ii - lh : ii;
     if (ii >= cx.args->h) continue;
-    for (int c = 0; c < C; ++c) {
-      const T* NTF_R ra = xa + ((long)c * lh + i) * xs;
-      const T* NTF_R rb = xb + ((long)c * lh + ii) * xs + dw;
-      NTF_IVDEP for (int j = 0; j < ls; ++j) dr[j] += ra[j] * rb[j];
+    const T* NTF_R ra = xa + (long)i * xs;
+    const T* NTF_R rb = xb + (long)ii * xs + dw;
+    const long cs = (long)lh * xs;  // channel stride
+    if (C <= 4) {
+      // One pass, the channel sum in registers (a pass per channel re-loads and re-stores the
+      // row C times: 8% of Myrtle-10). Same order of operations as the loop below.
+      NTF_IVDEP for (int j = 0; j < ls; ++j) {
+        T acc = ra[j] * rb[j];
+        if (C > 1) acc += ra[cs + j] * rb[cs + j];
+        if (C > 2) acc += ra[2 * cs + j] * rb[2 * cs + j];
+        if (C > 3) acc += ra[3 * cs + j] * rb[3 * cs + j];
+        dr[j] = acc * inv_c;
+      }
+    } else {
+      for (int c = 0; c < C; ++c) {
+        const T* NTF_R rac = ra + c * cs;
+        const T* NTF_R rbc = rb + c * cs;
+        NTF_IVDEP for (int j = 0; j < ls; ++j) dr[j] += rac[j] * rbc[j];
+      }
+      NTF_IVDEP for (int j = 0; j < ls; ++j) dr[j] *= inv_c;
     }
-    NTF_IVDEP for (int j = 0; j < ls; ++j) dr[j] *= inv_c;
     for (int j = lw; j < ls; ++j) dr[j] = T(0);
   }
 }
@@ -547,10 +572,10 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
     // Packed rows (stride lw) to plane rows (stride ls, zero padding).
     const long off = ((long)dh * lw + dw) * plane;
     for (int i = 0; i < lh; ++i) {
-      std::memcpy(d + (long)i * ls, pw.pin_d.data() + off + (long)i * lw, sizeof(T) * lw);
+      copy_row(d + (long)i * ls, pw.pin_d.data() + off + (long)i * lw, lw);
       for (int j = lw; j < ls; ++j) d[(long)i * ls + j] = T(0);
       if (ntk) {
-        std::memcpy(t + (long)i * ls, pw.pin_t.data() + off + (long)i * lw, sizeof(T) * lw);
+        copy_row(t + (long)i * ls, pw.pin_t.data() + off + (long)i * lw, lw);
         for (int j = lw; j < ls; ++j) t[(long)i * ls + j] = T(0);
       }
     }
@@ -865,7 +890,7 @@ double plane_sum(const T* x, long n) {
 // A plane (rows of stride ls) into packed storage at offset `off` (rows of stride lw).
 template <class T>
 inline void store_plane(T* NTF_R dst, const T* NTF_R src, int lh, int lw, int ls) {
-  for (int i = 0; i < lh; ++i) std::memcpy(dst + (long)i * lw, src + (long)i * ls, sizeof(T) * lw);
+  for (int i = 0; i < lh; ++i) copy_row(dst + (long)i * lw, src + (long)i * ls, lw);
 }
 
 // The plane of offset −δ of a self pair from its plane δ (rows of stride ls) into packed storage:
@@ -878,8 +903,8 @@ inline void store_mirror(T* NTF_R dst, const T* NTF_R src, int lh, int lw, int l
     const T* NTF_R row = src + (long)pmod(i - dh, lh) * ls;
     T* NTF_R out = dst + (long)i * lw;
     // out[j] = row[(j − δw) mod lw]: two contiguous pieces.
-    std::memcpy(out + dw, row, sizeof(T) * (lw - dw));
-    std::memcpy(out, row + (lw - dw), sizeof(T) * dw);
+    copy_row(out + dw, row, lw - dw);
+    copy_row(out, row + (lw - dw), dw);
   }
 }
 
