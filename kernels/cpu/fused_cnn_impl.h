@@ -386,7 +386,7 @@ inline T hsum(const T* e, int j, int fw) {
 template <class T, int FW, bool NTK, bool TLIVE>
 void conv_rows(const T* NTF_R d, const T* NTF_R t, T* NTF_R dout, T* NTF_R tout, T* NTF_R ed,
                T* NTF_R et, int es, const int* mh, const T* NTF_R mw, const AffineCoef<T> c,
-               int lh, int lw, int ls, int lo_h, int fh, int lo_w, int fw) {
+               int lh, int lw, int ls, int nw, int lo_h, int fh, int lo_w, int fw) {
   for (int i = 0; i < lh; ++i) {
     if (!mh[i]) continue;
     vertical_row(d, ed + (long)i * es, i, lh, lw, ls, lo_h, fh, lo_w, fw);
@@ -403,7 +403,7 @@ void conv_rows(const T* NTF_R d, const T* NTF_R t, T* NTF_R dout, T* NTF_R tout,
     }
     const T* NTF_R edr = ed + (long)i * es;
     const T* NTF_R etr = et + (long)i * es;
-    NTF_IVDEP for (int j = 0; j < ls; ++j) {
+    NTF_IVDEP for (int j = 0; j < nw; ++j) {
       const T sdv = hsum<T, FW>(edr, j, fw);
       dr[j] = (c.wd * sdv + c.b) * mw[j];
       if (NTK) {
@@ -411,32 +411,36 @@ void conv_rows(const T* NTF_R d, const T* NTF_R t, T* NTF_R dout, T* NTF_R tout,
         tr[j] = (c.td * sdv + c.tt * stv + c.tc) * mw[j];
       }
     }
+    for (int j = nw; j < ls; ++j) dr[j] = T(0);
+    if (NTK)
+      for (int j = nw; j < ls; ++j) tr[j] = T(0);
   }
 }
 
 template <class T, int FW>
 void conv_plane_fw(bool ntk, bool tlive, const T* d, const T* t, T* dout, T* tout, T* ed, T* et,
                    int es, const int* mh, const T* mw, const AffineCoef<T>& c, int lh, int lw,
-                   int ls, int lo_h, int fh, int lo_w, int fw) {
+                   int ls, int nw, int lo_h, int fh, int lo_w, int fw) {
   if (!ntk)
-    conv_rows<T, FW, false, false>(d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, lo_h, fh,
-                                   lo_w, fw);
+    conv_rows<T, FW, false, false>(d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, nw, lo_h,
+                                   fh, lo_w, fw);
   else if (tlive)
-    conv_rows<T, FW, true, true>(d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, lo_h, fh,
-                                 lo_w, fw);
+    conv_rows<T, FW, true, true>(d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, nw, lo_h,
+                                 fh, lo_w, fw);
   else
-    conv_rows<T, FW, true, false>(d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, lo_h, fh,
-                                  lo_w, fw);
+    conv_rows<T, FW, true, false>(d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, nw, lo_h,
+                                  fh, lo_w, fw);
 }
 
-// ed, et: plane-sized buffers of lh rows of stride es ≥ ls + fw − 1 (Scratch::vd / vt).
+// ed, et: plane-sized buffers of lh rows of stride es ≥ ls + fw − 1 (Scratch::vd / vt). Output
+// columns [nw, ls) are masked for this step: zero, not computed.
 template <class T>
 void conv_plane(bool ntk, bool tlive, const T* d, const T* t, T* dout, T* tout, T* ed, T* et,
                 int es, const int* mh, const T* mw, const AffineCoef<T>& c, int lh, int lw,
-                int ls, int lo_h, int fh, int lo_w, int fw) {
-#define NTF_CONV(FW)                                                                         \
-  conv_plane_fw<T, FW>(ntk, tlive, d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, lo_h, fh, \
-                       lo_w, fw)
+                int ls, int nw, int lo_h, int fh, int lo_w, int fw) {
+#define NTF_CONV(FW)                                                                       \
+  conv_plane_fw<T, FW>(ntk, tlive, d, t, dout, tout, ed, et, es, mh, mw, c, lh, lw, ls, nw, lo_h, \
+                       fh, lo_w, fw)
   switch (fw) {
     case 1: NTF_CONV(1); break;
     case 2: NTF_CONV(2); break;
@@ -480,7 +484,8 @@ inline void nonlin_row(T* NTF_R dr, T* NTF_R tr, const T* NTF_R q11, const T* NT
 // (map row stride ms).
 template <class T, int CODE, bool TLIVE>
 void nonlin_rows(T* NTF_R d, T* NTF_R t, const T* NTF_R va, const T* NTF_R vb, const int* mh,
-                 const T* NTF_R mw, int lh, int ls, int ms, int dh, int dw, T p0, T p1, T p2) {
+                 const T* NTF_R mw, int lh, int ls, int nw, int ms, int dh, int dw, T p0, T p1,
+                 T p2) {
   for (int i = 0; i < lh; ++i) {
     T* NTF_R dr = d + (long)i * ls;
     T* NTF_R tr = t + (long)i * ls;
@@ -492,17 +497,22 @@ void nonlin_rows(T* NTF_R d, T* NTF_R t, const T* NTF_R va, const T* NTF_R vb, c
     }
     int ii = i + dh;
     ii = ii >= lh ? ii - lh : ii;
-    nonlin_row<T, CODE, TLIVE>(dr, tr, va + (long)i * ms, vb + (long)ii * ms + dw, mw, ls, p0, p1,
+    nonlin_row<T, CODE, TLIVE>(dr, tr, va + (long)i * ms, vb + (long)ii * ms + dw, mw, nw, p0, p1,
                                p2);
+    for (int j = nw; j < ls; ++j) dr[j] = T(0);
+    if (TLIVE)
+      for (int j = nw; j < ls; ++j) tr[j] = T(0);
   }
 }
 
+// nw ≤ ls (a multiple of 4): the columns computed; [nw, ls) are masked for this step (j ≥ the
+// valid width) and set to 0 without evaluating the expectation (1/8 of the work at 32×32).
 template <class T>
 void nonlin_plane(int code, bool tlive, T* d, T* t, const T* va, const T* vb, const int* mh,
-                  const T* mw, int lh, int ls, int ms, int dh, int dw, T p0, T p1, T p2) {
-#define NTF_NL(C)                                                                          \
-  (tlive ? nonlin_rows<T, C, true>(d, t, va, vb, mh, mw, lh, ls, ms, dh, dw, p0, p1, p2) \
-         : nonlin_rows<T, C, false>(d, t, va, vb, mh, mw, lh, ls, ms, dh, dw, p0, p1, p2))
+                  const T* mw, int lh, int ls, int nw, int ms, int dh, int dw, T p0, T p1, T p2) {
+#define NTF_NL(C)                                                                              \
+  (tlive ? nonlin_rows<T, C, true>(d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, p0, p1, p2) \
+         : nonlin_rows<T, C, false>(d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, p0, p1, p2))
   switch (code) {
     case NONLIN_ABRELU: NTF_NL(NONLIN_ABRELU); break;
     case NONLIN_ERF: NTF_NL(NONLIN_ERF); break;
@@ -586,11 +596,13 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
     plane_masks(sc, lh, lw, ls, dh, dw, st.hv, st.wv);
     const int* mh = sc.mh.data();
     const T* mw = sc.mw.data();
+    // Columns j ≥ st.wv are masked (packed_valid): compute [0, nw) only.
+    const int nw = (st.wv + kVec - 1) / kVec * kVec < ls ? (st.wv + kVec - 1) / kVec * kVec : ls;
     if (st.type == STEP_NONLIN) {
       const long g = sg.nonlin_base + st.nonlin_index;
       const T* va = cx.maps.data() + a * cx.map_stride + cx.map_off[g];
       const T* vb = cx.maps.data() + b * cx.map_stride + cx.map_off[g];
-      nonlin_plane<T>(st.nonlin, tlive, d, t, va, vb, mh, mw, lh, ls, ms, dh, dw, T(st.p0),
+      nonlin_plane<T>(st.nonlin, tlive, d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, T(st.p0),
                       T(st.p1), T(st.p2));
       continue;
     }
@@ -601,7 +613,7 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
       T* d2 = d == sc.d.data() ? sc.sd.data() : sc.d.data();
       T* t2 = t == sc.t.data() ? sc.st.data() : sc.t.data();
       conv_plane(ntk, tlive, d, t, d2, t2, sc.vd.data(), sc.vt.data(), cx.ext_stride, mh, mw, c,
-                 lh, lw, ls, st.lo_h, st.fh, st.lo_w, st.fw);
+                 lh, lw, ls, nw, st.lo_h, st.fh, st.lo_w, st.fw);
       d = d2;
       t = t2;
     } else {
@@ -623,7 +635,8 @@ void diag_row(const Step& st, T* v, T* q, T* ones, int ls) {
     q[j] = v[j];
     ones[j] = T(1);
   }
-  nonlin_plane<T>(st.nonlin, false, v, nullptr, q, q, &kOneRow, ones, 1, ls, ls, 0, 0, T(st.p0),
+  nonlin_plane<T>(st.nonlin, false, v, nullptr, q, q, &kOneRow, ones, 1, ls, ls, ls, 0, 0,
+                  T(st.p0),
                   T(st.p1), T(st.p2));
 }
 
