@@ -142,6 +142,9 @@ struct Scratch {
 template <class T>
 struct PairWs {
   std::vector<T> full_d, full_t, pin_d, pin_t;
+  // Fused pooling (pair mode, cross pairs): the h-pooled rows G[δh'][δw][i'][xw] of every output
+  // row, accumulated as the planes finish (segment_rows), instead of storing full_d / full_t.
+  std::vector<T> g_d, g_t;
 };
 
 // The pair workspaces (full_d/full_t: (lh·lw)² entries, several MB) outlive a call: a call
@@ -171,7 +174,8 @@ class WsCache {
   static void give(std::unique_ptr<Set> s) {
     size_t bytes = 0;
     for (const PairWs<T>& w : *s)
-      bytes += sizeof(T) * (w.full_d.size() + w.full_t.size() + w.pin_d.size() + w.pin_t.size());
+      bytes += sizeof(T) * (w.full_d.size() + w.full_t.size() + w.pin_d.size() + w.pin_t.size() +
+                            w.g_d.size() + w.g_t.size());
     if (bytes > kKeptBytes) return;
     WsCache& c = instance();
     std::lock_guard<std::mutex> lock(c.mu_);
@@ -212,6 +216,10 @@ struct PoolTables {
   std::vector<double> inv_h, inv_w;
   std::vector<int> col_cnt, col_off;
   std::vector<double> col_scale;
+  // Fused pass 1: per input offset row δh, the (δh', i', x) triples with a tap pair (x, y) of
+  // output row i' and partner k' = (i' + δh') mod lh2 with (y − x) mod lh = δh (valid i' only):
+  // plane row x of offset (δh, δw) adds into G[δh'][δw][i'].
+  std::vector<std::vector<int>> scatter;
 };
 
 template <class T>
@@ -229,6 +237,7 @@ struct Ctx {
   std::vector<PoolTables> pools;
   long max_plane = 0, max_full = 0, max_pin = 0;  // max_plane: lh·ls; full/pin: (lh·lw)²
   long max_g = 0, max_taps = 1;  // pool_rows scratch: lw·lh2·lw, lh2·ph²
+  long max_gall = 0;             // fused pooling: lh2·lw·lh2·lw (PairWs::g_d / g_t)
   int max_lh2 = 1;
   // Offsets each segment runs: `full` (every plane; FLATTEN: δ = 0 only) and, for self pairs
   // whose kernel values nobody reads, `cone`: only the offsets the later segments' variance
@@ -733,7 +742,7 @@ inline void pool_h_row(T* NTF_R g, const T* NTF_R f, const long* base, int n, in
 // of ph²·pw² scalar taps per output entry.
 template <class T>
 void pool_rows(const Ctx<T>& cx, int s, PairWs<T>& pw, const typename Ctx<T>::Lists& li, int r0,
-               int r1, Scratch<T>& sc) {
+               int r1, Scratch<T>& sc, bool fused) {
   const Plan& plan = *cx.plan;
   const Seg& sg = plan.seg[s];
   const Seg& nx = plan.seg[s + 1];
@@ -750,9 +759,13 @@ void pool_rows(const Ctx<T>& cx, int s, PairWs<T>& pw, const typename Ctx<T>::Li
   int* n_h = sc.n_taps.data();
   for (int ri = r0; ri < r1; ++ri) {
     const int dh = li.pool_rows[ri];
+    if (fused) {  // pass 1 ran as the planes finished (segment_rows)
+      gd = pw.g_d.data() + (long)dh * lw * gdw;
+      gt = ntk ? pw.g_t.data() + (long)dh * lw * gdw : nullptr;
+    }
     // Pass 1 (h axes): the (δh, x) tap lists of every valid row i', then per stored δw all rows
     // (consecutive i' read consecutive rows x of the same few planes: prefetch-friendly).
-    for (int i = 0; i < lh2; ++i) {
+    for (int i = 0; i < lh2 && !fused; ++i) {
       n_h[i] = -1;  // row not valid: never pooled (zero in pass 2)
       if (packed_valid(i, dh, lh2, ho)) {
         int n = 0;
@@ -773,7 +786,8 @@ void pool_rows(const Ctx<T>& cx, int s, PairWs<T>& pw, const typename Ctx<T>::Li
         n_h[i] = n;
       }
     }
-    for (const int dw : li.cols) {
+    static const std::vector<int> kNone;
+    for (const int dw : fused ? kNone : li.cols) {
       const T* fdw = fd + (long)dw * plane;
       const T* ftw = ntk ? ft + (long)dw * plane : nullptr;
       for (int i = 0; i < lh2; ++i) {
@@ -852,6 +866,27 @@ inline void make_pool_tables(const Seg& sg, const Seg& nx, PoolTables* pt) {
   pt->pw = sg.pool_ww;
   axis(hv, sg.pool_wh, sg.pool_sh, sg.pool_lo_h, sg.pool_out_h, &pt->taps_h, &pt->inv_h);
   axis(wv, sg.pool_ww, sg.pool_sw, sg.pool_lo_w, sg.pool_out_w, &pt->taps_w, &pt->inv_w);
+  {
+    const int lh = sg.lh, lh2 = nx.lh, ho = nx.hv_in, ph = pt->ph;
+    pt->scatter.assign(lh, {});
+    for (int dh2 = 0; dh2 < lh2; ++dh2)
+      for (int i = 0; i < lh2; ++i) {
+        if (!packed_valid(i, dh2, lh2, ho)) continue;
+        const int k = (i + dh2) % lh2;
+        for (int a = 0; a < ph; ++a) {
+          const int x = pt->taps_h[(long)i * ph + a];
+          if (x < 0) continue;
+          for (int a2 = 0; a2 < ph; ++a2) {
+            const int y = pt->taps_h[(long)k * ph + a2];
+            if (y < 0) continue;
+            std::vector<int>& l = pt->scatter[pmod(y - x, lh)];
+            l.push_back(dh2);
+            l.push_back(i);
+            l.push_back(x);
+          }
+        }
+      }
+  }
   // The pooling writes every packed position of the next grid (lh2, lw2); taps of positions
   // beyond the valid output size are never used (those entries are zero).
   const int lw = sg.lw, lh2 = nx.lh, lw2 = nx.lw, wo = nx.wv_in, pw = pt->pw, np = pw * pw;
@@ -900,6 +935,11 @@ double plane_sum(const T* x, long n) {
 
 // Rows [r0, r1) of segment s for pair (a, b): stores planes (pooling segment) or adds the
 // readout sums of each row into row_d/row_t (indexed by δh).
+template <class T>
+inline void add_row(T* NTF_R dst, const T* NTF_R src, int n) {
+  NTF_IVDEP for (int j = 0; j < n; ++j) dst[j] += src[j];
+}
+
 // A plane (rows of stride ls) into packed storage at offset `off` (rows of stride lw).
 template <class T>
 inline void store_plane(T* NTF_R dst, const T* NTF_R src, int lh, int lw, int ls) {
@@ -928,7 +968,7 @@ inline void store_mirror(T* NTF_R dst, const T* NTF_R src, int lh, int lw, int l
 // pooling segment stores both. The offset lists are closed under −δ (full ranges; the cone
 // lists {0..r} ∪ {n−r..n−1}), so every stored mirror is one the pooling reads.
 template <class T>
-void segment_rows(const Ctx<T>& cx, int s, int a, int b, bool self, PairWs<T>& pw,
+void segment_rows(const Ctx<T>& cx, int s, int a, int b, bool self, bool fused, PairWs<T>& pw,
                   const typename Ctx<T>::Lists& li, int r0, int r1, Scratch<T>& sc, double* row_d,
                   double* row_t) {
   const Seg& sg = cx.plan->seg[s];
@@ -950,7 +990,19 @@ void segment_rows(const Ctx<T>& cx, int s, int a, int b, bool self, PairWs<T>& p
       const std::pair<T*, T*> res = run_plane(cx, s, a, b, pw, dh, dw, sc);
       const T* d = res.first;
       const T* t = res.second;
-      if (sg.end == END_POOL) {
+      if (sg.end == END_POOL && fused) {
+        // Pass 1 of pool_rows on the fly: G[δh'][δw][i'][:] += plane row x (see
+        // PoolTables::scatter); rows of the plane are read while they are in L1.
+        const std::vector<int>& sl = cx.pools[s].scatter[dh];
+        const int lh2 = cx.plan->seg[s + 1].lh;
+        const long gdw = (long)lh2 * lw, gsz = (long)lw * gdw;
+        for (size_t e = 0; e < sl.size(); e += 3) {
+          const long go = sl[e] * gsz + dw * gdw + (long)sl[e + 1] * lw;
+          const long xo = (long)sl[e + 2] * ls;
+          add_row(pw.g_d.data() + go, d + xo, lw);
+          if (cx.compute_ntk) add_row(pw.g_t.data() + go, t + xo, lw);
+        }
+      } else if (sg.end == END_POOL) {
         const long off = ((long)dh * lw + dw) * plane;
         store_plane(pw.full_d.data() + off, d, lh, lw, ls);
         if (cx.compute_ntk) store_plane(pw.full_t.data() + off, t, lh, lw, ls);
@@ -998,24 +1050,34 @@ PairOut run_pair(Ctx<T>& cx, int a, int b, bool self, PairWs<T>& pw,
     if (lean && s >= cx.last_nl) break;
     const typename Ctx<T>::Lists& li = lean ? cx.cone[s] : cx.full[s];
     const int n_rows = (int)li.rows.size();
+    // Pooling pass 1 fused into the plane loop when one thread runs the whole pair (its G rows
+    // are shared by all δh); self pairs keep the stored planes (their mirrored offsets).
+    const bool fused = sg.end == END_POOL && !self && (nthreads <= 1 || n_rows <= 1);
+    if (fused) {
+      const Seg& nx = plan.seg[s + 1];
+      const long n = (long)nx.lh * sg.lw * nx.lh * sg.lw;
+      std::memset(pw.g_d.data(), 0, sizeof(T) * n);
+      if (cx.compute_ntk) std::memset(pw.g_t.data(), 0, sizeof(T) * n);
+    }
     double* row_d = rows.data();
     double* row_t = rows.data() + n_rows;
     if (nthreads > 1 && n_rows > 1) {
       parallel_for(nthreads, n_rows, [&](long r, int tid) {
-        segment_rows(cx, s, a, b, self, pw, li, (int)r, (int)r + 1, scratch[tid], row_d,
+        segment_rows(cx, s, a, b, self, fused, pw, li, (int)r, (int)r + 1, scratch[tid], row_d,
                      row_t);
       });
     } else {
-      segment_rows(cx, s, a, b, self, pw, li, 0, n_rows, scratch[scratch0], row_d, row_t);
+      segment_rows(cx, s, a, b, self, fused, pw, li, 0, n_rows, scratch[scratch0], row_d,
+                   row_t);
     }
     if (sg.end == END_POOL) {
       const int n_out = (int)li.pool_rows.size();
       if (nthreads > 1 && n_out > 1)
         parallel_for(nthreads, n_out, [&](long r, int tid) {
-          pool_rows(cx, s, pw, li, (int)r, (int)r + 1, scratch[tid]);
+          pool_rows(cx, s, pw, li, (int)r, (int)r + 1, scratch[tid], fused);
         });
       else
-        pool_rows(cx, s, pw, li, 0, n_out, scratch[scratch0]);
+        pool_rows(cx, s, pw, li, 0, n_out, scratch[scratch0], fused);
     } else {
       double sd = 0, st = 0;
       for (int r = 0; r < n_rows; ++r) {
@@ -1072,6 +1134,7 @@ const char* run_typed(const RunArgs& args) {
       if (p2 * p2 > cx.max_pin) cx.max_pin = p2 * p2;
       const long g = (long)sg.lw * nx.lh * sg.lw, nt = (long)nx.lh * sg.pool_wh * sg.pool_wh;
       if (g > cx.max_g) cx.max_g = g;
+      if (g * nx.lh > cx.max_gall) cx.max_gall = g * nx.lh;
       if (nt > cx.max_taps) cx.max_taps = nt;
       if (nx.lh > cx.max_lh2) cx.max_lh2 = nx.lh;
       make_pool_tables(sg, nx, &cx.pools[s]);
@@ -1165,6 +1228,8 @@ const char* run_typed(const RunArgs& args) {
     if (!has_pool) return;
     grow_zero(pw.full_d, cx.max_full);
     grow_zero(pw.pin_d, cx.max_pin);
+    grow_zero(pw.g_d, cx.max_gall);
+    if (cx.compute_ntk) grow_zero(pw.g_t, cx.max_gall);
     if (cx.compute_ntk) {
       grow_zero(pw.full_t, cx.max_full);
       grow_zero(pw.pin_t, cx.max_pin);
