@@ -600,9 +600,14 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
     }
     tlive = ntk;
   }
+  int mask_hv = -1, mask_wv = -1;  // the valid size the masks in sc hold
   for (int k = sg.first_step; k < sg.first_step + sg.n_steps; ++k) {
     const Step& st = plan.step[k];
-    plane_masks(sc, lh, lw, ls, dh, dw, st.hv, st.wv);
+    if (st.hv != mask_hv || st.wv != mask_wv) {  // SAME stacks: once per plane
+      plane_masks(sc, lh, lw, ls, dh, dw, st.hv, st.wv);
+      mask_hv = st.hv;
+      mask_wv = st.wv;
+    }
     const int* mh = sc.mh.data();
     const T* mw = sc.mw.data();
     // Columns j ≥ st.wv are masked (packed_valid): compute [0, nw) only.
