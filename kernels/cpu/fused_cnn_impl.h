@@ -234,6 +234,10 @@ struct Ctx {
   std::vector<long> map_off;  // per plan nonlinearity: offset in an image's map block
   long map_stride = 0;
   std::vector<T> maps;  // n_img × map_stride; lh × periodic_stride(lw) per map, like the images
+  // n_img × n_maps: the map's nonzero entries are all within 2^±30 (NaN/inf: not safe), so the
+  // f32 ReLU rows may skip their normalization for pairs of such images (simd_avx2.h).
+  std::vector<unsigned char> map_safe;
+  long n_maps = 1;
   std::vector<PoolTables> pools;
   long max_plane = 0, max_full = 0, max_pin = 0;  // max_plane: lh·ls; full/pin: (lh·lw)²
   long max_g = 0, max_taps = 1;  // pool_rows scratch: lw·lh2·lw, lh2·ph²
@@ -471,16 +475,19 @@ inline T expect(T q12, T q11, T q22, T p0, T p1, T p2, T* dot) {
   return out;
 }
 
+// norm: false when both variance maps are in the range where the f32 row may skip its exact
+// power-of-two normalization (Ctx::map_safe; same results, simd_avx2.h).
 template <class T, int CODE, bool TLIVE>
 inline void nonlin_row(T* NTF_R dr, T* NTF_R tr, const T* NTF_R q11, const T* NTF_R q22,
-                       const T* NTF_R mw, int ls, T p0, T p1, T p2) {
+                       const T* NTF_R mw, int ls, T p0, T p1, T p2, bool norm) {
 #if NTF_HAND_SIMD
   // f32 ReLU family: the hand-vectorized row (simd_avx2.h, 2.x faster than the loop below).
   if constexpr (std::is_same<T, float>::value && CODE == NONLIN_ABRELU) {
-    simd::abrelu_row<TLIVE>(dr, tr, q11, q22, mw, ls, p0, p1);
+    simd::abrelu_row<TLIVE>(dr, tr, q11, q22, mw, ls, p0, p1, norm);
     return;
   }
 #endif
+  (void)norm;
   NTF_IVDEP for (int j = 0; j < ls; ++j) {
     T dot;
     const T nn = expect<T, CODE>(dr[j], q11[j], q22[j], p0, p1, p2, &dot);
@@ -494,7 +501,7 @@ inline void nonlin_row(T* NTF_R dr, T* NTF_R tr, const T* NTF_R q11, const T* NT
 template <class T, int CODE, bool TLIVE>
 void nonlin_rows(T* NTF_R d, T* NTF_R t, const T* NTF_R va, const T* NTF_R vb, const int* mh,
                  const T* NTF_R mw, int lh, int ls, int nw, int ms, int dh, int dw, T p0, T p1,
-                 T p2) {
+                 T p2, bool norm) {
   for (int i = 0; i < lh; ++i) {
     T* NTF_R dr = d + (long)i * ls;
     T* NTF_R tr = t + (long)i * ls;
@@ -507,7 +514,7 @@ void nonlin_rows(T* NTF_R d, T* NTF_R t, const T* NTF_R va, const T* NTF_R vb, c
     int ii = i + dh;
     ii = ii >= lh ? ii - lh : ii;
     nonlin_row<T, CODE, TLIVE>(dr, tr, va + (long)i * ms, vb + (long)ii * ms + dw, mw, nw, p0, p1,
-                               p2);
+                               p2, norm);
     for (int j = nw; j < ls; ++j) dr[j] = T(0);
     if (TLIVE)
       for (int j = nw; j < ls; ++j) tr[j] = T(0);
@@ -518,10 +525,11 @@ void nonlin_rows(T* NTF_R d, T* NTF_R t, const T* NTF_R va, const T* NTF_R vb, c
 // valid width) and set to 0 without evaluating the expectation (1/8 of the work at 32×32).
 template <class T>
 void nonlin_plane(int code, bool tlive, T* d, T* t, const T* va, const T* vb, const int* mh,
-                  const T* mw, int lh, int ls, int nw, int ms, int dh, int dw, T p0, T p1, T p2) {
-#define NTF_NL(C)                                                                              \
-  (tlive ? nonlin_rows<T, C, true>(d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, p0, p1, p2) \
-         : nonlin_rows<T, C, false>(d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, p0, p1, p2))
+                  const T* mw, int lh, int ls, int nw, int ms, int dh, int dw, T p0, T p1, T p2,
+                  bool norm = true) {
+#define NTF_NL(C)                                                                                  \
+  (tlive ? nonlin_rows<T, C, true>(d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, p0, p1, p2, norm) \
+         : nonlin_rows<T, C, false>(d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, p0, p1, p2, norm))
   switch (code) {
     case NONLIN_ABRELU: NTF_NL(NONLIN_ABRELU); break;
     case NONLIN_ERF: NTF_NL(NONLIN_ERF); break;
@@ -616,8 +624,9 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
       const long g = sg.nonlin_base + st.nonlin_index;
       const T* va = cx.maps.data() + a * cx.map_stride + cx.map_off[g];
       const T* vb = cx.maps.data() + b * cx.map_stride + cx.map_off[g];
+      const bool norm = !(cx.map_safe[(long)a * cx.n_maps + g] && cx.map_safe[(long)b * cx.n_maps + g]);
       nonlin_plane<T>(st.nonlin, tlive, d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, T(st.p0),
-                      T(st.p1), T(st.p2));
+                      T(st.p1), T(st.p2), norm);
       continue;
     }
     const bool conv = st.type == STEP_CONV && (st.fh > 1 || st.fw > 1 || st.lo_h || st.lo_w);
@@ -670,7 +679,9 @@ void compute_maps(Ctx<T>& cx, int s, int n, const T* v0, int v0_stride, Scratch<
   for (int k = sg.first_step; k < sg.first_step + sg.n_steps; ++k) {
     const Step& st = plan.step[k];
     if (st.type == STEP_NONLIN) {
-      T* map = cx.maps.data() + n * cx.map_stride + cx.map_off[sg.nonlin_base + st.nonlin_index];
+      const long g = sg.nonlin_base + st.nonlin_index;
+      T* map = cx.maps.data() + n * cx.map_stride + cx.map_off[g];
+      bool safe = true;  // every nonzero |entry| in [2^-30, 2^30] (Ctx::map_safe)
       for (int i = 0; i < lh; ++i) {
         T* row = v + (long)i * ls;
         for (int j = 0; j < ls; ++j) {
@@ -678,10 +689,13 @@ void compute_maps(Ctx<T>& cx, int s, int n, const T* v0, int v0_stride, Scratch<
           if (j < lw)
             for (int jj = j; jj < ms; jj += lw) map[(long)i * ms + jj] = vf;
           row[j] = vf;
+          const T av = vf < T(0) ? -vf : vf;
+          safe = safe && (av == T(0) || (av >= T(0x1p-30) && av <= T(0x1p30)));
         }
         diag_row(st, row, sc.row.data(), sc.ext.data(), ls);
         for (int j = 0; j < ls; ++j) row[j] = (i < st.hv && j < st.wv) ? row[j] : T(0);
       }
+      cx.map_safe[(long)n * cx.n_maps + g] = safe;
     } else {
       const bool conv = st.type == STEP_CONV;
       const double scale = conv ? 1.0 / (double(st.fh) * st.fw) : 1.0;
@@ -1214,6 +1228,8 @@ const char* run_typed(const RunArgs& args) {
         }
   });
   cx.maps.assign(cx.n_img * cx.map_stride, T(0));
+  cx.n_maps = plan.n_nonlin > 0 ? plan.n_nonlin : 1;
+  cx.map_safe.assign(cx.n_img * cx.n_maps, 0);
 
   // Outputs start at zero (XLA does not clear them).
   T* nngp = static_cast<T*>(args.nngp);

@@ -443,6 +443,26 @@ def test_f32_relu_family_extreme_inputs(simd, scale, nonlin, monkeypatch):
 
 
 @needs_cpu
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
+def test_f32_relu_rows_skip_normalization_bit_exactly(simd, monkeypatch):
+    # Variance maps within 2^±30 let the f32 ReLU rows skip their power-of-two normalization
+    # (simd_avx2.h, NORM=false), which must not change a bit. Bias-free ReLU networks are exactly
+    # homogeneous under a power-of-two input scale (every step scales by 2^2k, no rounding
+    # changes), and 2^20·x puts the maps (~2^40) outside the range, i.e. on the normalized path:
+    # K(2^20 x) == 2^40 K(x) bit for bit, for the unnormalized path at x.
+    _use_simd(simd, monkeypatch)
+    plan = PLANS["myrtle-like"]
+    x1 = _images((3, 8, 9, 3), 13).astype(jnp.float32)
+    x2 = _images((2, 8, 9, 3), 14).astype(jnp.float32)
+    small = _both(plan, x1, x2, "native", compute_cov=True)
+    big = _both(plan, x1 * 2.0**20, x2 * 2.0**20, "native", compute_cov=True)
+    for k, (a, b) in enumerate(zip(small, big)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == np.float32 and np.all(a != 0), k
+        np.testing.assert_array_equal(b, a * np.float32(2.0**40), err_msg=str(k))
+
+
+@needs_cpu
 def test_jit_vmap_grad():
     plan = PLANS["pool-same-norm"]
     x1, x2 = _images((2, 6, 5, 2), 8), _images((3, 6, 5, 2), 9)
