@@ -20,7 +20,7 @@ The count is the math's (the portable formulas of ``kernels/common/fused_math.h`
 instructions a build executes (the AVX2/AVX-512 f32 ReLU row needs fewer, the masked columns are
 skipped): GFLOP/s compare runs and machines, and against the CPU's peak — e.g. the 2-vCPU
 AMD EPYC (Zen 4) CI-class machine: 2 cores × 2.6 GHz × 2 FMA pipes × 8 f32 lanes × 2 = 166 GFLOP/s
-(f32 FMA), where the native kernel reaches 86–100 GFLOP/s of this count (52–60%); the vector
+(f32 FMA), where the native kernel reaches 91–111 GFLOP/s of this count (55–67%); the vector
 pipes, not memory, bound it (the layer stack of a plane lives in L1).
 
 Usage: ``python -m bench.bench_native [--networks Myrtle-10 CNN-GAP-8] [--n 2] [--threads 1 2]``
