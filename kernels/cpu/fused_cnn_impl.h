@@ -111,7 +111,7 @@ inline int pmod(int x, int n) {
 // Scratch of one thread: planes of the largest grid and a wrapped row.
 template <class T>
 struct Scratch {
-  std::vector<T> d, t, sd, st, row, ext, ext2, mw, v;
+  std::vector<T> d, t, sd, st, row, ext, mw, v;
   std::vector<T> vd, vt;  // vertical conv sums of a plane, rows of stride Ctx::ext_stride
   std::vector<T> g_d, g_t;  // h-pooled rows of one output row δh' (pool_rows)
   std::vector<int> mh;
@@ -132,7 +132,6 @@ struct Scratch {
     v.assign(plane, T(0));
     row.assign(ls_max, T(0));
     ext.assign(ls_max + 2 * f_max, T(0));
-    ext2.assign(ls_max + 2 * f_max, T(0));
     mw.assign(ls_max, T(0));
     mh.assign(plane, 0);
   }
@@ -308,6 +307,15 @@ inline void copy_row(T* NTF_R dst, const T* NTF_R src, int n) {
   for (; j < n; ++j) dst[j] = src[j];
 }
 
+// Columns [from, to) of a plane row of the NNGP array and, with `ntk`, of the NTK array, set
+// to 0: masked rows, and the masked columns past a step's valid width.
+template <class T>
+inline void zero_cols(T* NTF_R dr, T* NTF_R tr, int from, int to, bool ntk) {
+  for (int j = from; j < to; ++j) dr[j] = T(0);
+  if (ntk)
+    for (int j = from; j < to; ++j) tr[j] = T(0);
+}
+
 // Row masks of a packed plane (δh, δw) for the valid size (hv, wv); padding columns are 0.
 template <class T>
 void plane_masks(Scratch<T>& sc, int lh, int lw, int ls, int dh, int dw, int hv, int wv) {
@@ -324,9 +332,7 @@ void affine_rows(const AffineCoef<T> c, const T* sd, const T* st, T* d, T* t, co
   for (int i = 0; i < lh; ++i) {
     const long o = (long)i * ls;
     if (!mh[i]) {
-      for (int j = 0; j < ls; ++j) d[o + j] = T(0);
-      if (NTK)
-        for (int j = 0; j < ls; ++j) t[o + j] = T(0);
+      zero_cols(d + o, t + o, 0, ls, NTK);
       continue;
     }
     NTF_IVDEP for (int j = 0; j < ls; ++j) {
@@ -351,8 +357,9 @@ void affine(const AffineCoef<T>& c, const T* sd, const T* st, T* d, T* t, const 
 // Vertical circular box sum of plane row i into e[lo_w + j] (j < ls), then the wrapped margins
 // e[k] = centre[(k − lo_w) mod lw] for k < lo_w and lo_w + lw <= k < ls + fw − 1.
 template <class T>
-__attribute__((always_inline)) inline void vertical_row(const T* NTF_R src, T* NTF_R e, int i, int lh, int lw, int ls, int lo_h,
-                         int fh, int lo_w, int fw) {
+__attribute__((always_inline)) inline void vertical_row(const T* NTF_R src, T* NTF_R e, int i,
+                                                        int lh, int lw, int ls, int lo_h, int fh,
+                                                        int lo_w, int fw) {
   T* NTF_R c0 = e + lo_w;
   const T* NTF_R r0 = src + (long)pmod(i - lo_h, lh) * ls;
   if (fh == 3) {
@@ -409,9 +416,7 @@ void conv_rows(const T* NTF_R d, const T* NTF_R t, T* NTF_R dout, T* NTF_R tout,
     T* NTF_R dr = dout + (long)i * ls;
     T* NTF_R tr = tout + (long)i * ls;
     if (!mh[i]) {
-      for (int j = 0; j < ls; ++j) dr[j] = T(0);
-      if (NTK)
-        for (int j = 0; j < ls; ++j) tr[j] = T(0);
+      zero_cols(dr, tr, 0, ls, NTK);
       continue;
     }
     const T* NTF_R edr = ed + (long)i * es;
@@ -424,9 +429,7 @@ void conv_rows(const T* NTF_R d, const T* NTF_R t, T* NTF_R dout, T* NTF_R tout,
         tr[j] = (c.td * sdv + c.tt * stv + c.tc) * mw[j];
       }
     }
-    for (int j = nw; j < ls; ++j) dr[j] = T(0);
-    if (NTK)
-      for (int j = nw; j < ls; ++j) tr[j] = T(0);
+    zero_cols(dr, tr, nw, ls, NTK);
   }
 }
 
@@ -506,18 +509,14 @@ void nonlin_rows(T* NTF_R d, T* NTF_R t, const T* NTF_R va, const T* NTF_R vb, c
     T* NTF_R dr = d + (long)i * ls;
     T* NTF_R tr = t + (long)i * ls;
     if (!mh[i]) {
-      for (int j = 0; j < ls; ++j) dr[j] = T(0);
-      if (TLIVE)
-        for (int j = 0; j < ls; ++j) tr[j] = T(0);
+      zero_cols(dr, tr, 0, ls, TLIVE);
       continue;
     }
     int ii = i + dh;
     ii = ii >= lh ? ii - lh : ii;
     nonlin_row<T, CODE, TLIVE>(dr, tr, va + (long)i * ms, vb + (long)ii * ms + dw, mw, nw, p0, p1,
                                p2, norm);
-    for (int j = nw; j < ls; ++j) dr[j] = T(0);
-    if (TLIVE)
-      for (int j = nw; j < ls; ++j) tr[j] = T(0);
+    zero_cols(dr, tr, nw, ls, TLIVE);
   }
 }
 
@@ -624,7 +623,8 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
       const long g = sg.nonlin_base + st.nonlin_index;
       const T* va = cx.maps.data() + a * cx.map_stride + cx.map_off[g];
       const T* vb = cx.maps.data() + b * cx.map_stride + cx.map_off[g];
-      const bool norm = !(cx.map_safe[(long)a * cx.n_maps + g] && cx.map_safe[(long)b * cx.n_maps + g]);
+      const bool norm =
+          !(cx.map_safe[(long)a * cx.n_maps + g] && cx.map_safe[(long)b * cx.n_maps + g]);
       nonlin_plane<T>(st.nonlin, tlive, d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, T(st.p0),
                       T(st.p1), T(st.p2), norm);
       continue;
@@ -719,6 +719,24 @@ void compute_maps(Ctx<T>& cx, int s, int n, const T* v0, int v0_stride, Scratch<
 }
 
 // ------------------------------------------------------------------------------------------
+// The h-axis tap pairs of pooled row i' at output offset row δh' (pool_rows pass 1 and its fused
+// form, PoolTables::scatter): f(x, δh) for each window tap x of i' and y of
+// k' = (i' + δh') mod lh2, δh = (y − x) mod lh (taps lie in [0, lh): one conditional add).
+template <class F>
+inline void for_each_h_tap(const PoolTables& pt, int lh, int lh2, int dh2, int i, F&& f) {
+  const int ph = pt.ph, k = (i + dh2) % lh2;
+  for (int a = 0; a < ph; ++a) {
+    const int x = pt.taps_h[(long)i * ph + a];
+    if (x < 0) continue;
+    for (int a2 = 0; a2 < ph; ++a2) {
+      const int y = pt.taps_h[(long)k * ph + a2];
+      if (y < 0) continue;
+      const int dy = y - x;
+      f(x, dy < 0 ? dy + lh : dy);
+    }
+  }
+}
+
 // g[xw] = Σ_{t<n} f[base[t] + xw] for xw < lw (pass 1 of pool_rows), two taps per sweep.
 template <class T>
 inline void pool_h_row(T* NTF_R g, const T* NTF_R f, const long* base, int n, int lw) {
@@ -781,40 +799,30 @@ void pool_rows(const Ctx<T>& cx, int s, PairWs<T>& pw, const typename Ctx<T>::Li
     if (fused) {  // pass 1 ran as the planes finished (segment_rows)
       gd = pw.g_d.data() + (long)dh * lw * gdw;
       gt = ntk ? pw.g_t.data() + (long)dh * lw * gdw : nullptr;
-    }
-    // Pass 1 (h axes): the (δh, x) tap lists of every valid row i', then per stored δw all rows
-    // (consecutive i' read consecutive rows x of the same few planes: prefetch-friendly).
-    for (int i = 0; i < lh2 && !fused; ++i) {
-      n_h[i] = -1;  // row not valid: never pooled (zero in pass 2)
-      if (packed_valid(i, dh, lh2, ho)) {
-        int n = 0;
-        const int k = (i + dh) % lh2;
-        const int* xi = &pt.taps_h[(long)i * ph];
-        const int* yk = &pt.taps_h[(long)k * ph];
-        long* bi = base + (long)i * ph * ph;
-        for (int a = 0; a < ph; ++a) {
-          const int x = xi[a];
-          if (x < 0) continue;
-          for (int a2 = 0; a2 < ph; ++a2) {
-            const int y = yk[a2];
-            if (y < 0) continue;
-            const int dy = y - x;  // |y − x| < lh
-            bi[n++] = (long)(dy < 0 ? dy + lh : dy) * lw * plane + (long)x * lw;
-          }
-        }
-        n_h[i] = n;
-      }
-    }
-    static const std::vector<int> kNone;
-    for (const int dw : fused ? kNone : li.cols) {
-      const T* fdw = fd + (long)dw * plane;
-      const T* ftw = ntk ? ft + (long)dw * plane : nullptr;
+    } else {
+      // Pass 1 (h axes): the (δh, x) tap lists of every valid row i', then per stored δw all rows
+      // (consecutive i' read consecutive rows x of the same few planes: prefetch-friendly).
       for (int i = 0; i < lh2; ++i) {
-        if (n_h[i] < 0) continue;
-        const long go = (long)dw * gdw + (long)i * lw;
-        const long* bi = base + (long)i * ph * ph;
-        pool_h_row(gd + go, fdw, bi, n_h[i], lw);
-        if (ntk) pool_h_row(gt + go, ftw, bi, n_h[i], lw);
+        n_h[i] = -1;  // row not valid: never pooled (zero in pass 2)
+        if (packed_valid(i, dh, lh2, ho)) {
+          int n = 0;
+          long* bi = base + (long)i * ph * ph;
+          for_each_h_tap(pt, lh, lh2, dh, i, [&](int x, int d) {
+            bi[n++] = (long)d * lw * plane + (long)x * lw;
+          });
+          n_h[i] = n;
+        }
+      }
+      for (const int dw : li.cols) {
+        const T* fdw = fd + (long)dw * plane;
+        const T* ftw = ntk ? ft + (long)dw * plane : nullptr;
+        for (int i = 0; i < lh2; ++i) {
+          if (n_h[i] < 0) continue;
+          const long go = (long)dw * gdw + (long)i * lw;
+          const long* bi = base + (long)i * ph * ph;
+          pool_h_row(gd + go, fdw, bi, n_h[i], lw);
+          if (ntk) pool_h_row(gt + go, ftw, bi, n_h[i], lw);
+        }
       }
     }
     // Pass 2 (w axes).
@@ -886,24 +894,17 @@ inline void make_pool_tables(const Seg& sg, const Seg& nx, PoolTables* pt) {
   axis(hv, sg.pool_wh, sg.pool_sh, sg.pool_lo_h, sg.pool_out_h, &pt->taps_h, &pt->inv_h);
   axis(wv, sg.pool_ww, sg.pool_sw, sg.pool_lo_w, sg.pool_out_w, &pt->taps_w, &pt->inv_w);
   {
-    const int lh = sg.lh, lh2 = nx.lh, ho = nx.hv_in, ph = pt->ph;
+    const int lh = sg.lh, lh2 = nx.lh, ho = nx.hv_in;
     pt->scatter.assign(lh, {});
     for (int dh2 = 0; dh2 < lh2; ++dh2)
       for (int i = 0; i < lh2; ++i) {
         if (!packed_valid(i, dh2, lh2, ho)) continue;
-        const int k = (i + dh2) % lh2;
-        for (int a = 0; a < ph; ++a) {
-          const int x = pt->taps_h[(long)i * ph + a];
-          if (x < 0) continue;
-          for (int a2 = 0; a2 < ph; ++a2) {
-            const int y = pt->taps_h[(long)k * ph + a2];
-            if (y < 0) continue;
-            std::vector<int>& l = pt->scatter[pmod(y - x, lh)];
-            l.push_back(dh2);
-            l.push_back(i);
-            l.push_back(x);
-          }
-        }
+        for_each_h_tap(*pt, lh, lh2, dh2, i, [&](int x, int d) {
+          std::vector<int>& l = pt->scatter[d];
+          l.push_back(dh2);
+          l.push_back(i);
+          l.push_back(x);
+        });
       }
   }
   // The pooling writes every packed position of the next grid (lh2, lw2); taps of positions

@@ -2,21 +2,19 @@
 // fused_cnn_impl.h in the AVX2 translation unit only. Definition of every number:
 // ntfast/ops/nonlin.py (the auto-vectorized fused_math.h formulas are the portable version).
 //
-// Why by hand. The ReLU-family (abrelu) expectation is most of the kernel's time (65% of
+// Why by hand. The ReLU-family (abrelu) expectation was most of the kernel's time (~60% of
 // CNN-GAP-8, 1 thread, perf). Auto-vectorized from fused_math.h it costs 3 divisions and a
-// square root per entry (Gram normalization 1/m, the atan2 quotient, Cephes' P/Q), ~54 cycles
-// per 8 entries on Zen 4, with the divider as the bottleneck. Here:
-//   * 1/m: `vrcpps` refined by one Newton step (relative error ≤ 2^-22; m only rescales the
-//     Gram matrix, and k1 multiplies it back, so this error enters at ~1 ulp);
-//   * atan on [0, 1] without range reduction: a degree-8 polynomial in t² fitted to atan(t)/t
-//     (max approximation error 5.8e-9, f32 evaluation error ≤ 1.1e-7 absolute: fit in
-//     /work/notes or bench/results, reproduced by the test that checks this row against the
+// square root per entry (Gram normalization 1/m, the atan2 quotient, Cephes' P/Q). Here:
+//   * normalization by 2^-e, e the exponent of m = max(q11, q22): two integer ops, exact (no
+//     rounding), skipped altogether (NORM = false) where the caller knows it changes no bit;
+//   * det = a·b − c² by Kahan's 2×2 determinant (FMA error term): accurate for nearly parallel
+//     inputs and exactly 0 for parallel ones (the diagonal: θ = 0, as in the portable formula);
+//   * atan on [0, 1] without range reduction: a degree-8 polynomial in z = t² fitted to atan(t)/t
+//     on z ∈ [0, 1] (least squares reweighted towards the minimax error, Lawson; max error
+//     5.8e-9, f32 evaluation error ≤ 1.1e-7 absolute; tests/native check the rows against the
 //     f64 formula), so one division (t = min/max) and one square root (√det) remain;
 //   * the angle's quadrant from selects, π − θ via the sign bit of c (`vblendvps`).
-// On the diagonal (q11 = q22 = q12) the normalized entries are bit-equal, det = a·b − c·c is
-// computed from two rounded products (no FMA contraction), hence exactly 0 and θ = 0, as in the
-// portable formula. At the origin (sn = c = 0), `big` = sn ≥ |c| holds and t = 0, so θ = π/2
-// (NT's convention).
+// At the origin (sn = c = 0), `big` = sn ≥ |c| holds and t = 0, so θ = π/2 (NT's convention).
 #pragma once
 
 #include <immintrin.h>
@@ -32,12 +30,6 @@ constexpr float kAtanP[9] = {0.9999998863930583f,  -0.3333259707110758f, 0.19985
                              -0.14161232894398024f, 0.10498958692638151f, -0.0723488196865263f,
                              0.03978149798801156f,  -0.014401520711669849f,
                              0.0024567643908803005f};
-
-inline __m256 rcp_nr(__m256 x) {
-  const __m256 r = _mm256_rcp_ps(x);
-  // r' = r + r (1 − x r)
-  return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(x, r, _mm256_set1_ps(1.0f)), r);
-}
 
 // abrelu expectation of U×8 entries: nngp = f·k1 + ab·q12, dot = f·k0 + ab (fused_math.h).
 // The U vectors go through each stage together (independent dependency chains side by side:
