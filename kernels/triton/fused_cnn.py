@@ -115,6 +115,28 @@ def _box_cols(x, lo, f, size, circ, inv, BH: tl.constexpr, BT: tl.constexpr, BW:
 
 
 @triton.jit
+def _box2(
+    x,
+    lo_h,
+    fh,
+    lh,
+    lo_w,
+    fw,
+    lw,
+    circ,
+    inv_h,
+    inv_w,
+    BH: tl.constexpr,
+    BT: tl.constexpr,
+    BW: tl.constexpr,
+):
+    """The 2-D box filter of a conv step (rows, then columns), for the NNGP and the NTK plane."""
+    return _box_cols(
+        _box_rows(x, lo_h, fh, lh, circ, inv_h, BH, BT, BW), lo_w, fw, lw, circ, inv_w, BH, BT, BW
+    )
+
+
+@triton.jit
 def fused_cnn_kernel(
     img_ptr,  # (M, H, W, C) f32|f64 NHWC images (packed source: unused)
     srcn_ptr,  # (B, Lh, Lh, Lw, Lw) f32|f64 packed input NNGP [pair, δh, i, δw, j] (packed only)
@@ -229,29 +251,9 @@ def fused_cnn_kernel(
                 fw = tl.load(row + 6)
                 inv_h = tl.load(fl + 3)
                 inv_w = tl.load(fl + 4)
-                d = _box_cols(
-                    _box_rows(d, lo_h, fh, lh, circ, inv_h, BH, BT, BW),
-                    lo_w,
-                    fw,
-                    lw,
-                    circ,
-                    inv_w,
-                    BH,
-                    BT,
-                    BW,
-                )
+                d = _box2(d, lo_h, fh, lh, lo_w, fw, lw, circ, inv_h, inv_w, BH, BT, BW)
                 if has_ntk != 0:
-                    t = _box_cols(
-                        _box_rows(t, lo_h, fh, lh, circ, inv_h, BH, BT, BW),
-                        lo_w,
-                        fw,
-                        lw,
-                        circ,
-                        inv_w,
-                        BH,
-                        BT,
-                        BW,
-                    )
+                    t = _box2(t, lo_h, fh, lh, lo_w, fw, lw, circ, inv_h, inv_w, BH, BT, BW)
             nd = (w_var * d + b_var) * m
             if has_ntk != 0:
                 if tl.load(row + 8) != 0:
