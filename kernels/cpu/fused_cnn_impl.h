@@ -115,6 +115,7 @@ struct Scratch {
   std::vector<T> vd, vt;  // vertical conv sums of a plane, rows of stride Ctx::ext_stride
   std::vector<T> g_d, g_t;  // h-pooled rows of one output row δh' (pool_rows)
   std::vector<int> mh;
+  std::vector<int> mwi;  // mw as an AND mask (0 / −1) for the hand-vectorized f32 rows
   std::vector<long> taps;  // (δh, x) tap offsets of the rows of one output row δh'
   std::vector<int> n_taps;
   void init(long plane, int ls_max, int f_max, long g_size, int ntk, long n_taps_max,
@@ -133,6 +134,7 @@ struct Scratch {
     row.assign(ls_max, T(0));
     ext.assign(ls_max + 2 * f_max, T(0));
     mw.assign(ls_max, T(0));
+    mwi.assign(ls_max, 0);
     mh.assign(plane, 0);
   }
 };
@@ -320,7 +322,11 @@ inline void zero_cols(T* NTF_R dr, T* NTF_R tr, int from, int to, bool ntk) {
 template <class T>
 void plane_masks(Scratch<T>& sc, int lh, int lw, int ls, int dh, int dw, int hv, int wv) {
   for (int i = 0; i < lh; ++i) sc.mh[i] = packed_valid(i, dh, lh, hv);
-  for (int j = 0; j < ls; ++j) sc.mw[j] = j < lw ? T(packed_valid(j, dw, lw, wv)) : T(0);
+  for (int j = 0; j < ls; ++j) {
+    const int m = j < lw ? packed_valid(j, dw, lw, wv) : 0;
+    sc.mw[j] = T(m);
+    sc.mwi[j] = -m;
+  }
 }
 
 // nngp' = (wd·sd + b)·m, ntk' = (td·sd + tt·st + tc)·m over the masked rows; zero rows else.
@@ -387,6 +393,18 @@ __attribute__((always_inline)) inline void vertical_row(const T* NTF_R src, T* N
   }
 }
 
+// The vertical pass of a conv step over the rows of mh: NNGP into ed, the NTK (tlive) into et.
+template <class T>
+void conv_vertical(bool tlive, const T* NTF_R d, const T* NTF_R t, T* NTF_R ed, T* NTF_R et,
+                   int es, const int* mh, int lh, int lw, int ls, int lo_h, int fh, int lo_w,
+                   int fw) {
+  for (int i = 0; i < lh; ++i) {
+    if (!mh[i]) continue;
+    vertical_row(d, ed + (long)i * es, i, lh, lw, ls, lo_h, fh, lo_w, fw);
+    if (tlive) vertical_row(t, et + (long)i * es, i, lh, lw, ls, lo_h, fh, lo_w, fw);
+  }
+}
+
 template <class T, int FW>
 inline T hsum(const T* e, int j, int fw) {
   if (FW == 3) return (e[j] + e[j + 1]) + e[j + 2];
@@ -407,11 +425,7 @@ template <class T, int FW, bool NTK, bool TLIVE>
 void conv_rows(const T* NTF_R d, const T* NTF_R t, T* NTF_R dout, T* NTF_R tout, T* NTF_R ed,
                T* NTF_R et, int es, const int* mh, const T* NTF_R mw, const AffineCoef<T> c,
                int lh, int lw, int ls, int nw, int lo_h, int fh, int lo_w, int fw) {
-  for (int i = 0; i < lh; ++i) {
-    if (!mh[i]) continue;
-    vertical_row(d, ed + (long)i * es, i, lh, lw, ls, lo_h, fh, lo_w, fw);
-    if (TLIVE) vertical_row(t, et + (long)i * es, i, lh, lw, ls, lo_h, fh, lo_w, fw);
-  }
+  conv_vertical(TLIVE, d, t, ed, et, es, mh, lh, lw, ls, lo_h, fh, lo_w, fw);
   for (int i = 0; i < lh; ++i) {
     T* NTF_R dr = dout + (long)i * ls;
     T* NTF_R tr = tout + (long)i * ls;
@@ -635,6 +649,48 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
     if (conv) {
       T* d2 = d == sc.d.data() ? sc.sd.data() : sc.d.data();
       T* t2 = t == sc.t.data() ? sc.st.data() : sc.t.data();
+#if NTF_HAND_SIMD
+      // f32 conv followed by a ReLU-family step: one fused pass (simd_avx2.h conv_abrelu_plane).
+      if constexpr (std::is_same<T, float>::value) {
+        const Step* nx = k + 1 < sg.first_step + sg.n_steps ? &plan.step[k + 1] : nullptr;
+        if (nx && nx->type == STEP_NONLIN && nx->nonlin == NONLIN_ABRELU && nx->hv == st.hv &&
+            nx->wv == st.wv) {
+          const long g = sg.nonlin_base + nx->nonlin_index;
+          simd::ConvAbrelu A;
+          conv_vertical(tlive, d, t, sc.vd.data(), sc.vt.data(), cx.ext_stride, mh, lh, lw, ls,
+                        st.lo_h, st.fh, st.lo_w, st.fw);
+          A.d = d;  // in place
+          A.t = t;
+          A.rd = sc.vd.data();
+          A.rt = sc.vt.data();
+          A.es = cx.ext_stride;
+          A.va = cx.maps.data() + a * cx.map_stride + cx.map_off[g];
+          A.vb = cx.maps.data() + b * cx.map_stride + cx.map_off[g];
+          A.ms = ms;
+          A.dh = dh;
+          A.dw = dw;
+          A.mh = mh;
+          A.mwi = sc.mwi.data();
+          A.lh = lh;
+          A.ls = ls;
+          A.nw = nw;
+          A.fw = st.fw;
+          A.wd = c.wd;
+          A.b = c.b;
+          A.td = c.td;
+          A.tt = c.tt;
+          A.tc = c.tc;
+          A.pa = float(nx->p0);
+          A.pb = float(nx->p1);
+          const bool norm =
+              !(cx.map_safe[(long)a * cx.n_maps + g] && cx.map_safe[(long)b * cx.n_maps + g]);
+          simd::conv_abrelu_plane(A, ntk, tlive, norm);
+          tlive = ntk;
+          ++k;  // the nonlinearity is done
+          continue;
+        }
+      }
+#endif
       conv_plane(ntk, tlive, d, t, d2, t2, sc.vd.data(), sc.vt.data(), cx.ext_stride, mh, mw, c,
                  lh, lw, ls, nw, st.lo_h, st.fh, st.lo_w, st.fw);
       d = d2;

@@ -26,10 +26,16 @@ namespace cpu {
 namespace simd {
 
 // atan(t)/t ≈ Σ_k kAtanP[k] z^k, z = t², t ∈ [0, 1] (least-max-error fit, degree 8).
-constexpr float kAtanP[9] = {0.9999998863930583f,  -0.3333259707110758f, 0.19985907351314375f,
-                             -0.14161232894398024f, 0.10498958692638151f, -0.0723488196865263f,
-                             0.03978149798801156f,  -0.014401520711669849f,
-                             0.0024567643908803005f};
+constexpr double kAtanP[9] = {0.9999998863930583,   -0.3333259707110758,  0.19985907351314375,
+                              -0.14161232894398024, 0.10498958692638151,  -0.0723488196865263,
+                              0.03978149798801156,  -0.014401520711669849, 0.0024567643908803005};
+
+// The same polynomial divided by 2π: t·Σ kAtanQ[k] z^k ≈ atan(t)/(2π), so the angle comes out in
+// turns (θ/2π) and k0 = (π − θ)/(2π) = 1/2 − θ/2π is a subtraction, not a multiply.
+#define NTF_Q(k) float(kAtanP[k] * 0.15915494309189533577)
+constexpr float kAtanQ[9] = {NTF_Q(0), NTF_Q(1), NTF_Q(2), NTF_Q(3), NTF_Q(4),
+                             NTF_Q(5), NTF_Q(6), NTF_Q(7), NTF_Q(8)};
+#undef NTF_Q
 
 // abrelu expectation of U×8 entries: nngp = f·k1 + ab·q12, dot = f·k0 + ab (fused_math.h).
 // The U vectors go through each stage together (independent dependency chains side by side:
@@ -39,84 +45,84 @@ constexpr float kAtanP[9] = {0.9999998863930583f,  -0.3333259707110758f, 0.19985
 // q22 in [2^-30, 2^30], fused_cnn_impl.h `map_safe`), the same formulas on the raw entries: the
 // normalization is an exact power-of-two scaling, so with no intermediate under/overflow (products
 // within 2^±60, det above 2^-107) the results are the same bits, for 8 operations fewer.
+// Port balance (the multiply/FMA pipes are the bottleneck: llvm-mca, Zen 3/4 model): comparisons,
+// min/max and clamps of non-negative floats run as int32 operations on their bit patterns (the
+// same order, NaN aside), which execute on the vector ALU/add pipes; the angle is in turns (above).
 template <int U, bool PLAIN, bool NORM>
-inline void abrelu8(const __m256* q12, const __m256* q11, const __m256* q22, __m256 f, __m256 ab,
+__attribute__((always_inline)) inline void abrelu8(const __m256* q12, const __m256* q11, const __m256* q22, __m256 f, __m256 ab,
                     __m256* nngp, __m256* dot) {
-  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const __m256 pi = _mm256_set1_ps(3.14159265358979323846f);
-  const __m256 half_pi = _mm256_set1_ps(1.57079632679489661923f);
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  const __m256i izero = _mm256_setzero_si256();
+  const __m256i tiny = _mm256_set1_epi32(0x00800000);  // FLT_MIN
+  const __m256 quarter = _mm256_set1_ps(0.25f);
+  const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 inv2pi = _mm256_set1_ps(0.15915494309189533577f);
-  const __m256 tiny = _mm256_set1_ps(FLT_MIN);
   __m256 scale[U], c[U], sn[U], t[U], at[U];
-  for (int u = 0; u < U && !NORM; ++u) {
+  __m256i lt[U];
+  for (int u = 0; u < U; ++u) {
+    __m256 a = q11[u], b = q22[u];
     c[u] = q12[u];
     scale[u] = _mm256_set1_ps(1.0f);
-    const __m256 cc = _mm256_mul_ps(c[u], c[u]);
-    const __m256 e = _mm256_fmsub_ps(c[u], c[u], cc);
-    const __m256 det =
-        _mm256_max_ps(_mm256_sub_ps(_mm256_fmsub_ps(q11[u], q22[u], cc), e), _mm256_setzero_ps());
-    sn[u] = _mm256_sqrt_ps(det);
-  }
-  for (int u = 0; u < U && NORM; ++u) {
-    // m = max(q11, q22) ≥ |q12| (a covariance: |q12| ≤ √(q11 q22), up to rounding).
-    const __m256 m = _mm256_max_ps(q11[u], q22[u]);
-    // Normalize by 2^-e, e = the exponent of m: exact scaling by two integer ops, so the
-    // normalized a, b, c ∈ [0, 2] carry no rounding and on the diagonal stay bit-equal.
-    // scale = 2^e multiplies k1 back. e is capped at 126 (finite inv); m = 0 or subnormal gives
-    // scale = 0, inv = 2^127: the angle stays right and k1 (≤ m < FLT_MIN) flushes to 0.
-    __m256i eb = _mm256_and_si256(_mm256_castps_si256(m), _mm256_set1_epi32(0x7f800000));
-    eb = _mm256_min_epi32(eb, _mm256_set1_epi32(0x7e800000));
-    const __m256 inv = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(0x7f000000), eb));
-    scale[u] = _mm256_castsi256_ps(eb);
-    const __m256 a = _mm256_mul_ps(q11[u], inv);
-    const __m256 b = _mm256_mul_ps(q22[u], inv);
-    c[u] = _mm256_mul_ps(q12[u], inv);
+    if (NORM) {
+      // m = max(q11, q22) ≥ |q12| (a covariance: |q12| ≤ √(q11 q22), up to rounding).
+      // Normalize by 2^-e, e = the exponent of m: exact scaling by two integer ops, so the
+      // normalized a, b, c ∈ [0, 2] carry no rounding and on the diagonal stay bit-equal.
+      // scale = 2^e multiplies k1 back. e is capped at 126 (finite inv); m = 0 or subnormal
+      // gives scale = 0, inv = 2^127: the angle stays right and k1 (≤ m < FLT_MIN) flushes to 0.
+      const __m256 m = _mm256_max_ps(a, b);
+      __m256i eb = _mm256_and_si256(_mm256_castps_si256(m), _mm256_set1_epi32(0x7f800000));
+      eb = _mm256_min_epi32(eb, _mm256_set1_epi32(0x7e800000));
+      const __m256 inv = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(0x7f000000), eb));
+      scale[u] = _mm256_castsi256_ps(eb);
+      a = _mm256_mul_ps(a, inv);
+      b = _mm256_mul_ps(b, inv);
+      c[u] = _mm256_mul_ps(c[u], inv);
+    }
     // det = a·b − c² by Kahan's 2×2 determinant: cc = fl(c²) and its exact rounding error
     // e = c² − cc (an FMA), det = fl(a·b − cc) − e. Accurate to a few ulps of det itself even
     // when a·b ≈ c² (nearly parallel inputs, where the naive difference keeps ~1e-7·ab of
     // noise and the angle θ ~ √det inherits it), and exactly 0 when a·b = c² (parallel
-    // inputs, the diagonal).
+    // inputs, the diagonal). Clamped at +0 as int32 (a negative float is a negative int).
     const __m256 cc = _mm256_mul_ps(c[u], c[u]);
     const __m256 e = _mm256_fmsub_ps(c[u], c[u], cc);
-    const __m256 det =
-        _mm256_max_ps(_mm256_sub_ps(_mm256_fmsub_ps(a, b, cc), e), _mm256_setzero_ps());
-    sn[u] = _mm256_sqrt_ps(det);
+    const __m256 det = _mm256_sub_ps(_mm256_fmsub_ps(a, b, cc), e);
+    sn[u] = _mm256_sqrt_ps(
+        _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(det), izero)));
   }
-  __m256 big[U];
   for (int u = 0; u < U; ++u) {
-    const __m256 ax = _mm256_and_ps(c[u], absmask);
-    big[u] = _mm256_cmp_ps(sn[u], ax, _CMP_GE_OQ);
-    const __m256 num = _mm256_min_ps(sn[u], ax);
-    const __m256 den = _mm256_max_ps(_mm256_max_ps(sn[u], ax), tiny);
+    // t = min(sn, |c|) / max(sn, |c|, FLT_MIN); lt: |c| > sn (the angle is below π/4).
+    const __m256i ax = _mm256_and_si256(_mm256_castps_si256(c[u]), absmask);
+    const __m256i si = _mm256_castps_si256(sn[u]);
+    lt[u] = _mm256_cmpgt_epi32(ax, si);
+    const __m256 num = _mm256_castsi256_ps(_mm256_min_epi32(si, ax));
+    const __m256 den = _mm256_castsi256_ps(_mm256_max_epi32(_mm256_max_epi32(si, ax), tiny));
     t[u] = _mm256_div_ps(num, den);
   }
   for (int u = 0; u < U; ++u) {
-    // Estrin's scheme: depth 5 instead of Horner's 8 dependent FMAs.
+    // Pairs (c_2k + c_2k+1 z) by Horner in z²: 10 multiplies/FMAs (Estrin: 12), depth 6.
     const __m256 z = _mm256_mul_ps(t[u], t[u]);
     const __m256 z2 = _mm256_mul_ps(z, z);
-    const __m256 z4 = _mm256_mul_ps(z2, z2);
-    const __m256 z8 = _mm256_mul_ps(z4, z4);
-#define NTF_C(k) _mm256_set1_ps(kAtanP[k])
+#define NTF_C(k) _mm256_set1_ps(kAtanQ[k])
     const __m256 e01 = _mm256_fmadd_ps(NTF_C(1), z, NTF_C(0));
     const __m256 e23 = _mm256_fmadd_ps(NTF_C(3), z, NTF_C(2));
     const __m256 e45 = _mm256_fmadd_ps(NTF_C(5), z, NTF_C(4));
     const __m256 e67 = _mm256_fmadd_ps(NTF_C(7), z, NTF_C(6));
-    const __m256 f03 = _mm256_fmadd_ps(e23, z2, e01);
-    const __m256 f47 = _mm256_fmadd_ps(e67, z2, e45);
-    const __m256 g = _mm256_fmadd_ps(f47, z4, f03);
-    const __m256 p = _mm256_fmadd_ps(NTF_C(8), z8, g);
+    __m256 p = _mm256_fmadd_ps(NTF_C(8), z2, e67);
 #undef NTF_C
-    at[u] = _mm256_mul_ps(t[u], p);
+    p = _mm256_fmadd_ps(p, z2, e45);
+    p = _mm256_fmadd_ps(p, z2, e23);
+    p = _mm256_fmadd_ps(p, z2, e01);
+    at[u] = _mm256_mul_ps(t[u], p);  // atan(t) / 2π
   }
   for (int u = 0; u < U; ++u) {
-    const __m256 a1 = _mm256_blendv_ps(at[u], _mm256_sub_ps(half_pi, at[u]), big[u]);
-    // θ = π − a1 where c < 0 (blendv reads the sign bit of c).
-    const __m256 theta = _mm256_blendv_ps(a1, _mm256_sub_ps(pi, a1), c[u]);
-    const __m256 pm = _mm256_sub_ps(pi, theta);
-    const __m256 k0 = _mm256_mul_ps(pm, inv2pi);
-    const __m256 k1 =
-        NORM ? _mm256_mul_ps(_mm256_mul_ps(scale[u], _mm256_fmadd_ps(pm, c[u], sn[u])), inv2pi)
-             : _mm256_mul_ps(_mm256_fmadd_ps(pm, c[u], sn[u]), inv2pi);
+    // θ/2π: at where |c| > sn, else 1/4 − at; then 1/2 − that where c < 0 (blendv reads the sign
+    // bit of c).
+    const __m256 a1 = _mm256_blendv_ps(_mm256_sub_ps(quarter, at[u]), at[u],
+                                       _mm256_castsi256_ps(lt[u]));
+    const __m256 theta = _mm256_blendv_ps(a1, _mm256_sub_ps(half, a1), c[u]);
+    const __m256 k0 = _mm256_sub_ps(half, theta);  // (π − θ)/(2π)
+    __m256 k1 = _mm256_fmadd_ps(k0, c[u], _mm256_mul_ps(sn[u], inv2pi));
+    if (NORM) k1 = _mm256_mul_ps(scale[u], k1);
     nngp[u] = PLAIN ? k1 : _mm256_fmadd_ps(f, k1, _mm256_mul_ps(ab, q12[u]));
     dot[u] = PLAIN ? k0 : _mm256_fmadd_ps(f, k0, ab);
   }
@@ -169,6 +175,169 @@ inline void abrelu_row_t(float* __restrict__ dr, float* __restrict__ tr,
     const __m256 m = _mm256_cmp_ps(load(mw + j), zero, _CMP_NEQ_UQ);
     store(dr + j, _mm256_and_ps(nn, m));
     if (TLIVE) store(tr + j, _mm256_and_ps(_mm256_mul_ps(load(tr + j), dot), m));
+  }
+}
+
+// A conv step followed by a ReLU-family step, over one plane, in place (fused_cnn_impl.h
+// `run_plane`, after the conv's vertical pass `conv_vertical` into rd / rt). Per 8 entries: the
+// horizontal sum of the vertical sums (order of `hsum`), the affine map (nngp: fma(wd, s, b),
+// bit-equal to the unfused step's `(wd·s + b)·1`), the expectation on it, and one mask at the
+// end (the conv's own mask is redundant: masked entries leave through the same AND). Saves the
+// conv's stores, the ReLU's reloads and mask multiplies, and the ping-pong output planes (the
+// vertical sums hold all of the input the step reads). The row loop is inside: the constants
+// stay in registers. (Tried and dropped: the vertical sums in a ring of a few rows computed just
+// ahead of use, to shrink the working set further: 15% slower in the kernel, measured.)
+struct ConvAbrelu {
+  float* d;         // out: the step's NNGP plane (row stride ls; the conv's input, consumed)
+  float* t;         // the NTK's
+  const float* rd;  // vertical sums of row i at rd + i·es: e[k] = column (k − lo_w) mod lw
+  const float* rt;  // the NTK's (TLIVE)
+  int es;
+  const float* va;  // q11 rows: va + i·ms; q22 rows: vb + ((i + dh) mod lh)·ms + dw
+  const float* vb;
+  int ms, dh, dw;
+  const int* mh;   // row mask
+  const int* mwi;  // column mask: 0 or −1 (all bits)
+  int lh, ls, nw, fw;  // nw: columns computed (a multiple of 4), [nw, ls) set to 0
+  float wd, b, td, tt, tc, pa, pb;
+};
+
+template <int FW>
+inline __m256 hsum8(const float* e, int fw) {
+  __m256 acc = _mm256_loadu_ps(e);
+  if (FW == 3) return _mm256_add_ps(_mm256_add_ps(acc, _mm256_loadu_ps(e + 1)), _mm256_loadu_ps(e + 2));
+  for (int k = 1; k < (FW ? FW : fw); ++k) acc = _mm256_add_ps(acc, _mm256_loadu_ps(e + k));
+  return acc;
+}
+
+template <int FW>
+inline __m256 hsum4(const float* e, int fw) {  // 4 entries, upper half 0
+  __m128 acc = _mm_loadu_ps(e);
+  if (FW == 3) {
+    acc = _mm_add_ps(_mm_add_ps(acc, _mm_loadu_ps(e + 1)), _mm_loadu_ps(e + 2));
+  } else {
+    for (int k = 1; k < (FW ? FW : fw); ++k) acc = _mm_add_ps(acc, _mm_loadu_ps(e + k));
+  }
+  return _mm256_zextps128_ps256(acc);
+}
+
+struct ConvAbreluConst {
+  __m256 f, ab, wd, b, td, tt, tc;
+};
+
+// U×8 entries from column j of a row (HALF: 4 entries, U = 1).
+template <int U, bool HALF, int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+__attribute__((always_inline)) inline void conv_abrelu_block(
+    const float* __restrict__ edr, const float* __restrict__ etr, const float* __restrict__ q11,
+    const float* __restrict__ q22, const int* __restrict__ mwi, float* __restrict__ dr,
+    float* __restrict__ tr, int j, int fw, const ConvAbreluConst& C) {
+  __m256 x12[U], x11[U], x22[U], xt[U], nn[U], dot[U];
+  for (int u = 0; u < U; ++u) {
+    const int jj = j + 8 * u;
+    const __m256 sdv = HALF ? hsum4<FW>(edr + jj, fw) : hsum8<FW>(edr + jj, fw);
+    x12[u] = _mm256_fmadd_ps(C.wd, sdv, C.b);
+    if (NTK) {
+      if (TLIVE) {
+        const __m256 stv = HALF ? hsum4<FW>(etr + jj, fw) : hsum8<FW>(etr + jj, fw);
+        xt[u] = _mm256_fmadd_ps(C.td, sdv, _mm256_fmadd_ps(C.tt, stv, C.tc));
+      } else {
+        xt[u] = _mm256_fmadd_ps(C.td, sdv, C.tc);
+      }
+    }
+    x11[u] = HALF ? _mm256_zextps128_ps256(_mm_loadu_ps(q11 + jj)) : _mm256_loadu_ps(q11 + jj);
+    x22[u] = HALF ? _mm256_zextps128_ps256(_mm_loadu_ps(q22 + jj)) : _mm256_loadu_ps(q22 + jj);
+  }
+  abrelu8<U, PLAIN, NORM>(x12, x11, x22, C.f, C.ab, nn, dot);
+  for (int u = 0; u < U; ++u) {
+    const int jj = j + 8 * u;
+    if (!HALF) {
+      const __m256 m = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(mwi + jj)));
+      _mm256_storeu_ps(dr + jj, _mm256_and_ps(nn[u], m));
+      if (NTK) _mm256_storeu_ps(tr + jj, _mm256_and_ps(_mm256_mul_ps(xt[u], dot[u]), m));
+    } else {
+      const __m128 m = _mm_castsi128_ps(_mm_loadu_si128((const __m128i*)(mwi + jj)));
+      _mm_storeu_ps(dr + jj, _mm_and_ps(_mm256_castps256_ps128(nn[u]), m));
+      if (NTK)
+        _mm_storeu_ps(tr + jj,
+                      _mm_and_ps(_mm256_castps256_ps128(_mm256_mul_ps(xt[u], dot[u])), m));
+    }
+  }
+}
+
+template <int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+void conv_abrelu_plane_t(const ConvAbrelu& A) {
+  ConvAbreluConst C;
+  C.f = _mm256_set1_ps((A.pa - A.pb) * (A.pa - A.pb));
+  C.ab = _mm256_set1_ps(A.pa * A.pb);
+  C.wd = _mm256_set1_ps(A.wd);
+  C.b = _mm256_set1_ps(A.b);
+  C.td = _mm256_set1_ps(A.td);
+  C.tt = _mm256_set1_ps(A.tt);
+  C.tc = _mm256_set1_ps(A.tc);
+  const int fw = A.fw, lh = A.lh, ls = A.ls, es = A.es;
+  for (int i = 0; i < lh; ++i) {
+    float* __restrict__ dr = A.d + (long)i * ls;
+    float* __restrict__ tr = A.t + (long)i * ls;
+    int j0 = 0;
+    if (A.mh[i]) {
+      int ii = i + A.dh;
+      ii = ii >= lh ? ii - lh : ii;
+      const float* __restrict__ q11 = A.va + (long)i * A.ms;
+      const float* __restrict__ q22 = A.vb + (long)ii * A.ms + A.dw;
+      const float* __restrict__ edr = A.rd + (long)i * es;
+      const float* __restrict__ etr = A.rt + (long)i * es;
+      int j = 0;
+      for (; j + 16 <= A.nw; j += 16)
+        conv_abrelu_block<2, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi, dr, tr,
+                                                                 j, fw, C);
+      if (j + 8 <= A.nw) {
+        conv_abrelu_block<1, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi, dr, tr,
+                                                                 j, fw, C);
+        j += 8;
+      }
+      if (j < A.nw)  // nw is a multiple of 4
+        conv_abrelu_block<1, true, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi, dr, tr,
+                                                                j, fw, C);
+      j0 = A.nw;
+    }
+    for (int j = j0; j < ls; ++j) dr[j] = 0.0f;
+    if (NTK)
+      for (int j = j0; j < ls; ++j) tr[j] = 0.0f;
+  }
+}
+
+template <int FW, bool NTK, bool TLIVE>
+inline void conv_abrelu_plane_fw(const ConvAbrelu& A, bool norm) {
+  const bool plain = A.pa == 0.0f && A.pb == 1.0f;
+  if (norm) {
+    if (plain)
+      conv_abrelu_plane_t<FW, NTK, TLIVE, true, true>(A);
+    else
+      conv_abrelu_plane_t<FW, NTK, TLIVE, false, true>(A);
+  } else {
+    if (plain)
+      conv_abrelu_plane_t<FW, NTK, TLIVE, true, false>(A);
+    else
+      conv_abrelu_plane_t<FW, NTK, TLIVE, false, false>(A);
+  }
+}
+
+// ntk: write the NTK plane; tlive: the NTK input is live (else 0); norm: as abrelu_row.
+inline void conv_abrelu_plane(const ConvAbrelu& A, bool ntk, bool tlive, bool norm) {
+  if (A.fw == 3) {
+    if (!ntk)
+      conv_abrelu_plane_fw<3, false, false>(A, norm);
+    else if (tlive)
+      conv_abrelu_plane_fw<3, true, true>(A, norm);
+    else
+      conv_abrelu_plane_fw<3, true, false>(A, norm);
+  } else {
+    if (!ntk)
+      conv_abrelu_plane_fw<0, false, false>(A, norm);
+    else if (tlive)
+      conv_abrelu_plane_fw<0, true, true>(A, norm);
+    else
+      conv_abrelu_plane_fw<0, true, false>(A, norm);
   }
 }
 

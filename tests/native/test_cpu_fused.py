@@ -442,6 +442,43 @@ def test_f32_relu_family_extreme_inputs(simd, scale, nonlin, monkeypatch):
         assert err_nat <= 2 * err_xla + 1e-6 * tscale, (k, err_nat, err_xla, tscale)
 
 
+_RELU_FAMILY_PLANS = [
+    name
+    for name, plan in PLANS.items()
+    if any(isinstance(st, fc.NonlinStep) and st.kind == "abrelu" for st in plan)
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", _RELU_FAMILY_PLANS)
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
+def test_f32_fused_conv_relu_every_plan(simd, name, monkeypatch):
+    # The AVX2/AVX-512 variants run a conv followed by a ReLU-family step as one fused in-place
+    # pass (simd_avx2.h conv_abrelu_plane: any filter width, leaky/abs, normalized or not,
+    # 4-wide row tails). Every test plan with such a step on 9×11 images (rows ending in 4-wide
+    # tails; pooled plans shrink them further) and a zero image, NTK on and off, self
+    # covariances: the 2×-XLA-f32 rule against the f64 truth, per output.
+    _use_simd(simd, monkeypatch)
+    plan = PLANS[name]
+    x1 = _images((2, 9, 11, 3), 21)
+    x2 = jnp.concatenate([_images((2, 9, 11, 3), 22), jnp.zeros((1, 9, 11, 3))])  # + the origin
+    truth = oracle(plan, x1, x2)
+    y1, y2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    for compute_ntk in (True, False):
+        kw = dict(compute_ntk=compute_ntk, compute_cov=True)
+        xla32 = _both(plan, y1, y2, "xla", **kw)
+        nat32 = _both(plan, y1, y2, "native", **kw)
+        for k, (t, a, b) in enumerate(zip(truth, xla32, nat32)):
+            if not compute_ntk and k == 1:
+                continue
+            b = np.asarray(b, np.float64)
+            assert np.all(np.isfinite(b)), (name, k)
+            tscale = float(np.max(np.abs(t)))
+            err_xla = float(np.max(np.abs(np.asarray(a, np.float64) - t)))
+            err_nat = float(np.max(np.abs(b - t)))
+            assert err_nat <= 2 * err_xla + 1e-6 * tscale, (name, k, err_nat, err_xla, tscale)
+
+
 @needs_cpu
 @pytest.mark.parametrize("simd", ["avx2", "avx512"])
 def test_f32_relu_rows_skip_normalization_bit_exactly(simd, monkeypatch):
