@@ -13,8 +13,12 @@
 //     on z ∈ [0, 1] (least squares reweighted towards the minimax error, Lawson; max error
 //     5.8e-9, f32 evaluation error ≤ 1.1e-7 absolute; tests/native check the rows against the
 //     f64 formula), so one division (t = min/max) and one square root (√det) remain;
-//   * the angle's quadrant from selects, π − θ via the sign bit of c (`vblendvps`).
-// At the origin (sn = c = 0), `big` = sn ≥ |c| holds and t = 0, so θ = π/2 (NT's convention).
+//   * the angle in turns (θ/2π: the polynomial carries the 1/2π), its quadrant from selects,
+//     π − θ via the sign bit of c (`vblendvps`); comparisons and clamps of non-negative floats
+//     as int32 ops (the FMA pipes are the bottleneck);
+//   * after a conv step, the conv's horizontal pass and affine map run in the same loop
+//     (conv_abrelu_plane), in place.
+// At the origin (sn = c = 0), |c| > sn fails and t = 0, so θ = π/2 (NT's convention).
 #pragma once
 
 #include <immintrin.h>
