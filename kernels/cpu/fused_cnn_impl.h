@@ -592,6 +592,17 @@ void image_plane(const Ctx<T>& cx, int a, int b, int dh, int dw, T* NTF_R d) {
   }
 }
 
+// Image n's variance map of plan nonlinearity g, and whether the f32 ReLU rows may skip their
+// normalization for the pair (a, b) (both maps map_safe).
+template <class T>
+inline const T* map_of(const Ctx<T>& cx, int n, long g) {
+  return cx.maps.data() + n * cx.map_stride + cx.map_off[g];
+}
+template <class T>
+inline bool maps_safe(const Ctx<T>& cx, int a, int b, long g) {
+  return cx.map_safe[(long)a * cx.n_maps + g] && cx.map_safe[(long)b * cx.n_maps + g];
+}
+
 // One offset plane (δh, δw) of pair (a, b) through segment s; returns the (nngp, ntk) planes
 // (sc.d/sc.t or sc.sd/sc.st: convs ping-pong between them), row stride ls.
 template <class T>
@@ -635,10 +646,9 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
     const int nw = (st.wv + kVec - 1) / kVec * kVec < ls ? (st.wv + kVec - 1) / kVec * kVec : ls;
     if (st.type == STEP_NONLIN) {
       const long g = sg.nonlin_base + st.nonlin_index;
-      const T* va = cx.maps.data() + a * cx.map_stride + cx.map_off[g];
-      const T* vb = cx.maps.data() + b * cx.map_stride + cx.map_off[g];
-      const bool norm =
-          !(cx.map_safe[(long)a * cx.n_maps + g] && cx.map_safe[(long)b * cx.n_maps + g]);
+      const T* va = map_of(cx, a, g);
+      const T* vb = map_of(cx, b, g);
+      const bool norm = !maps_safe(cx, a, b, g);
       nonlin_plane<T>(st.nonlin, tlive, d, t, va, vb, mh, mw, lh, ls, nw, ms, dh, dw, T(st.p0),
                       T(st.p1), T(st.p2), norm);
       continue;
@@ -664,8 +674,8 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
           A.rd = sc.vd.data();
           A.rt = sc.vt.data();
           A.es = cx.ext_stride;
-          A.va = cx.maps.data() + a * cx.map_stride + cx.map_off[g];
-          A.vb = cx.maps.data() + b * cx.map_stride + cx.map_off[g];
+          A.va = map_of(cx, a, g);
+          A.vb = map_of(cx, b, g);
           A.ms = ms;
           A.dh = dh;
           A.dw = dw;
@@ -682,9 +692,7 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
           A.tc = c.tc;
           A.pa = float(nx->p0);
           A.pb = float(nx->p1);
-          const bool norm =
-              !(cx.map_safe[(long)a * cx.n_maps + g] && cx.map_safe[(long)b * cx.n_maps + g]);
-          simd::conv_abrelu_plane(A, ntk, tlive, norm);
+          simd::conv_abrelu_plane(A, ntk, tlive, !maps_safe(cx, a, b, g));
           tlive = ntk;
           ++k;  // the nonlinearity is done
           continue;

@@ -326,23 +326,22 @@ inline void conv_abrelu_plane_fw(const ConvAbrelu& A, bool norm) {
   }
 }
 
+template <int FW>
+inline void conv_abrelu_plane_nt(const ConvAbrelu& A, bool ntk, bool tlive, bool norm) {
+  if (!ntk)
+    conv_abrelu_plane_fw<FW, false, false>(A, norm);
+  else if (tlive)
+    conv_abrelu_plane_fw<FW, true, true>(A, norm);
+  else
+    conv_abrelu_plane_fw<FW, true, false>(A, norm);
+}
+
 // ntk: write the NTK plane; tlive: the NTK input is live (else 0); norm: as abrelu_row.
 inline void conv_abrelu_plane(const ConvAbrelu& A, bool ntk, bool tlive, bool norm) {
-  if (A.fw == 3) {
-    if (!ntk)
-      conv_abrelu_plane_fw<3, false, false>(A, norm);
-    else if (tlive)
-      conv_abrelu_plane_fw<3, true, true>(A, norm);
-    else
-      conv_abrelu_plane_fw<3, true, false>(A, norm);
-  } else {
-    if (!ntk)
-      conv_abrelu_plane_fw<0, false, false>(A, norm);
-    else if (tlive)
-      conv_abrelu_plane_fw<0, true, true>(A, norm);
-    else
-      conv_abrelu_plane_fw<0, true, false>(A, norm);
-  }
+  if (A.fw == 3)
+    conv_abrelu_plane_nt<3>(A, ntk, tlive, norm);
+  else
+    conv_abrelu_plane_nt<0>(A, ntk, tlive, norm);
 }
 
 // norm: false only where both variance maps are map_safe (see abrelu8).
