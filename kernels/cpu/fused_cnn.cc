@@ -5,7 +5,9 @@
 // Operands x1 (N1, H, W, C), x2 (N2, H, W, C), both F32 or both F64. Results nngp (N1, N2),
 // ntk (N1, N2), cov1 (N1,), cov2 (N2,). Attributes plan_i (int64[]), plan_f (f64[]), sym,
 // compute_ntk, compute_cov, threads (int64; threads 0 = NTFAST_NUM_THREADS or the CPUs this
-// process may run on). NTFAST_SIMD=avx2|generic caps the ISA variant (tests use it).
+// process may run on). NTFAST_SIMD=avx2|generic caps the ISA variant; NTFAST_CONV=two-pass turns
+// the register path of SAME 3×3 convs off (tests use both: the register path must give the bits
+// of the two-pass form).
 #include <sched.h>
 
 #include <cstdlib>
@@ -118,6 +120,8 @@ static ffi::Error FusedCnnCpu(ffi::AnyBuffer x1, ffi::AnyBuffer x2, ffi::Span<co
   args.compute_ntk = compute_ntk != 0;
   args.compute_cov = compute_cov != 0;
   args.threads = threads > 0 ? (int)threads : ntf::cpu::auto_threads();
+  const char* conv_env = std::getenv("NTFAST_CONV");
+  args.conv_two_pass = conv_env && std::strcmp(conv_env, "two-pass") == 0;
   if (n1 == 0 || n2 == 0) return ffi::Error::Success();
   const char* simd = ntf::cpu::selected_simd();
   const char* err = std::strcmp(simd, "avx512") == 0 ? ntf::cpu::avx512::run(args)

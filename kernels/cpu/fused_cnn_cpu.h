@@ -23,6 +23,9 @@ struct RunArgs {
   void* cov2;  // (n2,)
   int sym, compute_ntk, compute_cov;
   int threads;  // > 0
+  // f32 SIMD variants: SAME 3×3 convs followed by a ReLU-family step in the two-pass form, not
+  // the register path (simd_avx2.h conv3_abrelu_rows); the same bits either way.
+  int conv_two_pass = 0;
 };
 
 // nullptr on success, else a static error message.

@@ -667,13 +667,27 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
             nx->wv == st.wv) {
           const long g = sg.nonlin_base + nx->nonlin_index;
           simd::ConvAbrelu A;
-          conv_vertical(tlive, d, t, sc.vd.data(), sc.vt.data(), cx.ext_stride, mh, lh, lw, ls,
-                        st.lo_h, st.fh, st.lo_w, st.fw);
-          A.d = d;  // in place
-          A.t = t;
-          A.rd = sc.vd.data();
-          A.rt = sc.vt.data();
-          A.es = cx.ext_stride;
+          // SAME 3×3 over whole 8-lane blocks: the vertical sums stay in registers (output to
+          // d2 / t2; simd_avx2.h conv3_abrelu_rows); else the two-pass form, in place.
+          const bool reg = !cx.args->conv_two_pass && st.fh == 3 && st.fw == 3 && st.lo_h == 1 && st.lo_w == 1 &&
+                           nw % 8 == 0 && nw >= 8 && lw >= 8 && nw <= lw;
+          if (reg) {
+            A.d = d2;
+            A.t = t2;
+            A.xd = d;
+            A.xt = t;
+            A.rd = A.rt = nullptr;
+            A.es = 0;
+          } else {
+            conv_vertical(tlive, d, t, sc.vd.data(), sc.vt.data(), cx.ext_stride, mh, lh, lw,
+                          ls, st.lo_h, st.fh, st.lo_w, st.fw);
+            A.d = d;  // in place
+            A.t = t;
+            A.xd = A.xt = nullptr;
+            A.rd = sc.vd.data();
+            A.rt = sc.vt.data();
+            A.es = cx.ext_stride;
+          }
           A.va = map_of(cx, a, g);
           A.vb = map_of(cx, b, g);
           A.ms = ms;
@@ -682,6 +696,7 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
           A.mh = mh;
           A.mwi = sc.mwi.data();
           A.lh = lh;
+          A.lw = lw;
           A.ls = ls;
           A.nw = nw;
           A.fw = st.fw;
@@ -693,6 +708,10 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
           A.pa = float(nx->p0);
           A.pb = float(nx->p1);
           simd::conv_abrelu_plane(A, ntk, tlive, !maps_safe(cx, a, b, g));
+          if (reg) {
+            d = d2;
+            t = t2;
+          }
           tlive = ntk;
           ++k;  // the nonlinearity is done
           continue;

@@ -197,12 +197,16 @@ struct ConvAbrelu {
   const float* rd;  // vertical sums of row i at rd + i·es: e[k] = column (k − lo_w) mod lw
   const float* rt;  // the NTK's (TLIVE)
   int es;
+  // The register path (conv3_abrelu_rows; rd / rt unused): the conv's input planes (row stride
+  // ls), the output going to d / t (other planes).
+  const float* xd;
+  const float* xt;
   const float* va;  // q11 rows: va + i·ms; q22 rows: vb + ((i + dh) mod lh)·ms + dw
   const float* vb;
   int ms, dh, dw;
   const int* mh;   // row mask
   const int* mwi;  // column mask: 0 or −1 (all bits)
-  int lh, ls, nw, fw;  // nw: columns computed (a multiple of 4), [nw, ls) set to 0
+  int lh, lw, ls, nw, fw;  // nw: columns computed (a multiple of 4), [nw, ls) set to 0
   float wd, b, td, tt, tc, pa, pb;
 };
 
@@ -229,24 +233,22 @@ struct ConvAbreluConst {
   __m256 f, ab, wd, b, td, tt, tc;
 };
 
-// U×8 entries from column j of a row (HALF: 4 entries, U = 1).
-template <int U, bool HALF, int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
-__attribute__((always_inline)) inline void conv_abrelu_block(
-    const float* __restrict__ edr, const float* __restrict__ etr, const float* __restrict__ q11,
+// The step on U×8 entries from column j of a row (HALF: 4 entries, U = 1), given the conv's box
+// sums sdv (NNGP) and stv (NTK, TLIVE): affine map, expectation, mask, stores to dr / tr.
+template <int U, bool HALF, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+__attribute__((always_inline)) inline void conv_abrelu_core(
+    const __m256* sdv, const __m256* stv, const float* __restrict__ q11,
     const float* __restrict__ q22, const int* __restrict__ mwi, float* __restrict__ dr,
-    float* __restrict__ tr, int j, int fw, const ConvAbreluConst& C) {
+    float* __restrict__ tr, int j, const ConvAbreluConst& C) {
   __m256 x12[U], x11[U], x22[U], xt[U], nn[U], dot[U];
   for (int u = 0; u < U; ++u) {
     const int jj = j + 8 * u;
-    const __m256 sdv = HALF ? hsum4<FW>(edr + jj, fw) : hsum8<FW>(edr + jj, fw);
-    x12[u] = _mm256_fmadd_ps(C.wd, sdv, C.b);
+    x12[u] = _mm256_fmadd_ps(C.wd, sdv[u], C.b);
     if (NTK) {
-      if (TLIVE) {
-        const __m256 stv = HALF ? hsum4<FW>(etr + jj, fw) : hsum8<FW>(etr + jj, fw);
-        xt[u] = _mm256_fmadd_ps(C.td, sdv, _mm256_fmadd_ps(C.tt, stv, C.tc));
-      } else {
-        xt[u] = _mm256_fmadd_ps(C.td, sdv, C.tc);
-      }
+      if (TLIVE)
+        xt[u] = _mm256_fmadd_ps(C.td, sdv[u], _mm256_fmadd_ps(C.tt, stv[u], C.tc));
+      else
+        xt[u] = _mm256_fmadd_ps(C.td, sdv[u], C.tc);
     }
     x11[u] = HALF ? _mm256_zextps128_ps256(_mm_loadu_ps(q11 + jj)) : _mm256_loadu_ps(q11 + jj);
     x22[u] = HALF ? _mm256_zextps128_ps256(_mm_loadu_ps(q22 + jj)) : _mm256_loadu_ps(q22 + jj);
@@ -268,16 +270,168 @@ __attribute__((always_inline)) inline void conv_abrelu_block(
   }
 }
 
+// U×8 entries from column j of a row, box sums from the precomputed vertical sums edr / etr.
+template <int U, bool HALF, int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+__attribute__((always_inline)) inline void conv_abrelu_block(
+    const float* __restrict__ edr, const float* __restrict__ etr, const float* __restrict__ q11,
+    const float* __restrict__ q22, const int* __restrict__ mwi, float* __restrict__ dr,
+    float* __restrict__ tr, int j, int fw, const ConvAbreluConst& C) {
+  __m256 sdv[U], stv[U];
+  for (int u = 0; u < U; ++u) {
+    const int jj = j + 8 * u;
+    sdv[u] = HALF ? hsum4<FW>(edr + jj, fw) : hsum8<FW>(edr + jj, fw);
+    if (NTK && TLIVE) stv[u] = HALF ? hsum4<FW>(etr + jj, fw) : hsum8<FW>(etr + jj, fw);
+  }
+  conv_abrelu_core<U, HALF, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, mwi, dr, tr, j, C);
+}
+
+// Lanes (prev[7], cur[0..6]) and (cur[1..7], next[0]): the columns j − 1 and j + 1 of the 8
+// columns from j, given the vertical sums of the blocks before (prev), at (cur) and after (next).
+inline __m256 shift_in_left(__m256 prev, __m256 cur) {
+#ifdef __AVX512VL__
+  return _mm256_castsi256_ps(
+      _mm256_alignr_epi32(_mm256_castps_si256(cur), _mm256_castps_si256(prev), 7));
+#else
+  const __m256 pc = _mm256_permute2f128_ps(prev, cur, 0x21);  // prev[4..7], cur[0..3]
+  return _mm256_castsi256_ps(
+      _mm256_alignr_epi8(_mm256_castps_si256(cur), _mm256_castps_si256(pc), 12));
+#endif
+}
+inline __m256 shift_in_right(__m256 cur, __m256 next) {
+#ifdef __AVX512VL__
+  return _mm256_castsi256_ps(
+      _mm256_alignr_epi32(_mm256_castps_si256(next), _mm256_castps_si256(cur), 1));
+#else
+  const __m256 cn = _mm256_permute2f128_ps(cur, next, 0x21);  // cur[4..7], next[0..3]
+  return _mm256_castsi256_ps(
+      _mm256_alignr_epi8(_mm256_castps_si256(cn), _mm256_castps_si256(cur), 4));
+#endif
+}
+
+// The register path of a SAME 3×3 conv (fh = fw = 3, lo_h = lo_w = 1) followed by a ReLU-family
+// step, for nw a multiple of 8 with nw < lw (the columns from nw masked: the usual zero guard
+// column of SAME) or nw = lw (the row wraps at a block boundary): per row, the vertical sums of
+// each 8-column block are computed in registers from the three input rows, and the horizontal
+// neighbours come from the blocks on either side by lane shifts; so neither the vertical-sum planes
+// nor their unaligned reloads exist (the conv reads each input row three times and writes only
+// the step's output). Row-circular: the left neighbour of column 0 is column lw − 1 (the block
+// after the last output block, or that block itself where nw = lw), the right one of column
+// nw − 1 is column nw (column 0 where nw = lw). Same order of additions as the two-pass form
+// ((r0 + r1) + r2, then (left + centre) + right): the same bits. Output to other planes (d / t):
+// later rows still read the input.
+template <bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
+  const int lh = A.lh, ls = A.ls, lw = A.lw, nw = A.nw, nb = nw / 8;
+  constexpr bool TV = NTK && TLIVE;
+  for (int i = 0; i < lh; ++i) {
+    float* __restrict__ dr = A.d + (long)i * ls;
+    float* __restrict__ tr = A.t + (long)i * ls;
+    int j0 = 0;
+    if (A.mh[i]) {
+      const long o0 = (long)(i == 0 ? lh - 1 : i - 1) * ls, o1 = (long)i * ls;
+      const long o2 = (long)(i + 1 == lh ? 0 : i + 1) * ls;
+      int ii = i + A.dh;
+      ii = ii >= lh ? ii - lh : ii;
+      const float* __restrict__ q11 = A.va + (long)i * A.ms;
+      const float* __restrict__ q22 = A.vb + (long)ii * A.ms + A.dw;
+      // Vertical sums of the 8 columns from j (HALF: 4, the upper lanes 0).
+      auto vsum = [&](const float* x, int j, bool half) {
+        const float* p = x + j;
+        if (half)
+          return _mm256_zextps128_ps256(
+              _mm_add_ps(_mm_add_ps(_mm_loadu_ps(p + o0), _mm_loadu_ps(p + o1)),
+                         _mm_loadu_ps(p + o2)));
+        return _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p + o0), _mm256_loadu_ps(p + o1)),
+                             _mm256_loadu_ps(p + o2));
+      };
+      // first: block 0; last: block nb − 1; end: the block after it (lane 0 = column nw, or
+      // column 0); prev0: lane 7 = column lw − 1 (the left neighbour of column 0).
+      struct Edge {
+        __m256 first, last, end, prev0;
+      };
+      auto edges = [&](const float* x) {
+        Edge e;
+        e.first = vsum(x, 0, false);
+        e.last = nb > 1 ? vsum(x, nw - 8, false) : e.first;
+        if (nw == lw) {
+          e.end = e.first;
+          e.prev0 = e.last;
+        } else {
+          const bool half = nw + 8 > ls;
+          e.end = vsum(x, nw, half);
+          const int l = lw - 1 - nw;
+          e.prev0 = l < (half ? 4 : 8) ? _mm256_permutevar8x32_ps(e.end, _mm256_set1_epi32(l))
+                                       : vsum(x, lw - 8, false);
+        }
+        return e;
+      };
+      auto vblock = [&](const float* x, const Edge& e, int blk) {  // blk ≤ nb
+        return blk == nb ? e.end : blk == nb - 1 ? e.last : blk == 0 ? e.first
+                                                                         : vsum(x, 8 * blk, false);
+      };
+      auto box = [](__m256 prev, __m256 cur, __m256 next) {
+        return _mm256_add_ps(_mm256_add_ps(shift_in_left(prev, cur), cur),
+                             shift_in_right(cur, next));
+      };
+      const Edge ed = edges(A.xd);
+      Edge et = ed;
+      if (TV) et = edges(A.xt);
+      __m256 dp = ed.prev0, dc = ed.first, tp = et.prev0, tc = et.first;
+      int k = 0;
+      constexpr int U = 4;  // 4 chains where the row has them (measured 5% over 2)
+      for (; k + U <= nb; k += U) {
+        __m256 sdv[U], stv[U], dv[U + 1], tv[U + 1];
+        dv[0] = dc;
+        tv[0] = tc;
+        for (int u = 1; u <= U; ++u) dv[u] = vblock(A.xd, ed, k + u);
+        sdv[0] = box(dp, dv[0], dv[1]);
+        for (int u = 1; u < U; ++u) sdv[u] = box(dv[u - 1], dv[u], dv[u + 1]);
+        dp = dv[U - 1];
+        dc = dv[U];
+        if (TV) {
+          for (int u = 1; u <= U; ++u) tv[u] = vblock(A.xt, et, k + u);
+          stv[0] = box(tp, tv[0], tv[1]);
+          for (int u = 1; u < U; ++u) stv[u] = box(tv[u - 1], tv[u], tv[u + 1]);
+          tp = tv[U - 1];
+          tc = tv[U];
+        }
+        conv_abrelu_core<U, false, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, A.mwi, dr, tr,
+                                                           8 * k, C);
+      }
+      for (; k + 2 <= nb; k += 2) {
+        __m256 sdv[2], stv[2];
+        const __m256 d1 = vblock(A.xd, ed, k + 1), d2 = vblock(A.xd, ed, k + 2);
+        sdv[0] = box(dp, dc, d1);
+        sdv[1] = box(dc, d1, d2);
+        dp = d1;
+        dc = d2;
+        if (TV) {
+          const __m256 t1 = vblock(A.xt, et, k + 1), t2 = vblock(A.xt, et, k + 2);
+          stv[0] = box(tp, tc, t1);
+          stv[1] = box(tc, t1, t2);
+          tp = t1;
+          tc = t2;
+        }
+        conv_abrelu_core<2, false, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, A.mwi, dr, tr,
+                                                           8 * k, C);
+      }
+      if (k < nb) {
+        __m256 sdv = box(dp, dc, vblock(A.xd, ed, k + 1)), stv = sdv;
+        if (TV) stv = box(tp, tc, vblock(A.xt, et, k + 1));
+        conv_abrelu_core<1, false, NTK, TLIVE, PLAIN, NORM>(&sdv, &stv, q11, q22, A.mwi, dr, tr,
+                                                           8 * k, C);
+      }
+      j0 = nw;
+    }
+    for (int j = j0; j < ls; ++j) dr[j] = 0.0f;
+    if (NTK)
+      for (int j = j0; j < ls; ++j) tr[j] = 0.0f;
+  }
+}
+
+// The two-pass form: box sums from the conv's vertical sums rd / rt (conv_vertical), in place.
 template <int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
-void conv_abrelu_plane_t(const ConvAbrelu& A) {
-  ConvAbreluConst C;
-  C.f = _mm256_set1_ps((A.pa - A.pb) * (A.pa - A.pb));
-  C.ab = _mm256_set1_ps(A.pa * A.pb);
-  C.wd = _mm256_set1_ps(A.wd);
-  C.b = _mm256_set1_ps(A.b);
-  C.td = _mm256_set1_ps(A.td);
-  C.tt = _mm256_set1_ps(A.tt);
-  C.tc = _mm256_set1_ps(A.tc);
+void conv_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
   const int fw = A.fw, lh = A.lh, ls = A.ls, es = A.es;
   for (int i = 0; i < lh; ++i) {
     float* __restrict__ dr = A.d + (long)i * ls;
@@ -310,6 +464,26 @@ void conv_abrelu_plane_t(const ConvAbrelu& A) {
   }
 }
 
+
+// FW: 3 or 0 (any width) for the two-pass form, kConv3Reg for the register path.
+constexpr int kConv3Reg = -3;
+
+template <int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+void conv_abrelu_plane_t(const ConvAbrelu& A) {
+  ConvAbreluConst C;
+  C.f = _mm256_set1_ps((A.pa - A.pb) * (A.pa - A.pb));
+  C.ab = _mm256_set1_ps(A.pa * A.pb);
+  C.wd = _mm256_set1_ps(A.wd);
+  C.b = _mm256_set1_ps(A.b);
+  C.td = _mm256_set1_ps(A.td);
+  C.tt = _mm256_set1_ps(A.tt);
+  C.tc = _mm256_set1_ps(A.tc);
+  if constexpr (FW == kConv3Reg)
+    conv3_abrelu_rows<NTK, TLIVE, PLAIN, NORM>(A, C);
+  else
+    conv_abrelu_rows<FW, NTK, TLIVE, PLAIN, NORM>(A, C);
+}
+
 template <int FW, bool NTK, bool TLIVE>
 inline void conv_abrelu_plane_fw(const ConvAbrelu& A, bool norm) {
   const bool plain = A.pa == 0.0f && A.pb == 1.0f;
@@ -337,8 +511,11 @@ inline void conv_abrelu_plane_nt(const ConvAbrelu& A, bool ntk, bool tlive, bool
 }
 
 // ntk: write the NTK plane; tlive: the NTK input is live (else 0); norm: as abrelu_row.
+// The register path where A.xd is set (conv3_abrelu_rows).
 inline void conv_abrelu_plane(const ConvAbrelu& A, bool ntk, bool tlive, bool norm) {
-  if (A.fw == 3)
+  if (A.xd)
+    conv_abrelu_plane_nt<kConv3Reg>(A, ntk, tlive, norm);
+  else if (A.fw == 3)
     conv_abrelu_plane_nt<3>(A, ntk, tlive, norm);
   else
     conv_abrelu_plane_nt<0>(A, ntk, tlive, norm);

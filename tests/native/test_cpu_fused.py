@@ -479,6 +479,56 @@ def test_f32_fused_conv_relu_every_plan(simd, name, monkeypatch):
             assert err_nat <= 2 * err_xla + 1e-6 * tscale, (name, k, err_nat, err_xla, tscale)
 
 
+# SAME 3×3 conv + ReLU-family stacks whose rows the f32 SIMD variants run on the register path
+# (simd_avx2.h conv3_abrelu_rows: output columns a multiple of 8, the row wrap at lw − 1), with the
+# (H, W) that reach each of its edge cases: the guard column in a 4-wide half block (W = 8, 24),
+# in a full block after the last output block, or beyond it (W = 17 + VALID 10-wide: 8 valid
+# columns of a wider grid → the left neighbour of column 0 from an unaligned block), the wrap at a block boundary
+# (CIRCULAR, W = 16: no guard column), a single block (W = 8), pooled grids, leaky/abs, no bias.
+_CONV3_CASES = {
+    "same-8x24": ((_conv(), RELU, _conv(), LEAKY, _conv(b=None), RELU, fc.Readout("GAP")), (8, 24)),
+    "same-5x8": ((_conv(), ABS, _conv(), RELU, fc.Readout("FLATTEN")), (5, 8)),
+    "circular-16": (
+        (_conv((3, 3), "CIRCULAR"), RELU, _conv((3, 3), "CIRCULAR"), RELU, fc.Readout("GAP")),
+        (6, 16),
+    ),
+    "valid-then-same": (
+        (_conv((3, 10), "VALID"), RELU, _conv(), RELU, _conv(), LEAKY, fc.Readout("GSP")),
+        (9, 17),
+    ),
+    "myrtle-16": (PLANS["myrtle-like"], (16, 16)),
+}
+
+
+@needs_cpu
+@pytest.mark.parametrize("name", sorted(_CONV3_CASES))
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
+def test_f32_conv3_register_path_bit_exact(simd, name, monkeypatch):
+    # The register path must give the bits of the two-pass form (same additions in the same
+    # order; NTFAST_CONV=two-pass turns it off), NTK on and off, N1 ≠ N2, self covariances, a zero
+    # image; and stay within the 2×-XLA-f32 rule of the f64 truth.
+    _use_simd(simd, monkeypatch)
+    plan, (h, w) = _CONV3_CASES[name]
+    x1 = _images((2, h, w, 3), 31)
+    x2 = jnp.concatenate([_images((2, h, w, 3), 32), jnp.zeros((1, h, w, 3))])
+    truth = oracle(plan, x1, x2)
+    y1, y2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    for compute_ntk in (True, False):
+        kw = dict(compute_ntk=compute_ntk, compute_cov=True)
+        monkeypatch.delenv("NTFAST_CONV", raising=False)
+        reg = _both(plan, y1, y2, "native", **kw)
+        monkeypatch.setenv("NTFAST_CONV", "two-pass")
+        two = _both(plan, y1, y2, "native", **kw)
+        xla32 = _both(plan, y1, y2, "xla", **kw)
+        for k, (r, p, a, t) in enumerate(zip(reg, two, xla32, truth)):
+            if not compute_ntk and k == 1:
+                continue
+            np.testing.assert_array_equal(np.asarray(r), np.asarray(p), err_msg=f"{name} {k}")
+            err_reg = float(np.max(np.abs(np.asarray(r, np.float64) - t)))
+            err_xla = float(np.max(np.abs(np.asarray(a, np.float64) - t)))
+            assert err_reg <= 2 * err_xla + 1e-6 * float(np.max(np.abs(t))), (name, k)
+
+
 @needs_cpu
 @pytest.mark.parametrize("simd", ["avx2", "avx512"])
 def test_f32_relu_rows_skip_normalization_bit_exactly(simd, monkeypatch):
