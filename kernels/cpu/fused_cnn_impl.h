@@ -667,10 +667,11 @@ std::pair<T*, T*> run_plane(const Ctx<T>& cx, int s, int a, int b, const PairWs<
             nx->wv == st.wv) {
           const long g = sg.nonlin_base + nx->nonlin_index;
           simd::ConvAbrelu A;
-          // SAME 3×3 over whole 8-lane blocks: the vertical sums stay in registers (output to
-          // d2 / t2; simd_avx2.h conv3_abrelu_rows); else the two-pass form, in place.
-          const bool reg = !cx.args->conv_two_pass && st.fh == 3 && st.fw == 3 && st.lo_h == 1 && st.lo_w == 1 &&
-                           nw % 8 == 0 && nw >= 8 && lw >= 8 && nw <= lw;
+          // SAME 3×3 over whole 8- or 16-lane blocks: the vertical sums stay in registers
+          // (output to d2 / t2; simd_avx2.h conv3_abrelu_rows); else the two-pass form, in place.
+          const bool same3 = st.fh == 3 && st.fw == 3 && st.lo_h == 1 && st.lo_w == 1;
+          A.vec = same3 && !cx.args->conv_two_pass ? simd::conv3_vec(nw, lw) : 0;
+          const bool reg = A.vec > 0;
           if (reg) {
             A.d = d2;
             A.t = t2;

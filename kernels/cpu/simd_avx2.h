@@ -25,8 +25,13 @@
 
 #include <cfloat>
 
+// In the including translation unit's own namespace (NTF_SIMD_NS: avx2 or avx512): the AVX2 and
+// the AVX-512 units compile these templates with different instructions, and under one shared name
+// the linker would keep one copy for both (the AVX-512 variant then ran AVX2-compiled rows, and a
+// copy built with AVX-512 could land in the AVX2 variant).
 namespace ntf {
 namespace cpu {
+namespace NTF_SIMD_NS {
 namespace simd {
 
 // atan(t)/t ≈ Σ_k kAtanP[k] z^k, z = t², t ∈ [0, 1] (least-max-error fit, degree 8).
@@ -41,7 +46,117 @@ constexpr float kAtanQ[9] = {NTF_Q(0), NTF_Q(1), NTF_Q(2), NTF_Q(3), NTF_Q(4),
                              NTF_Q(5), NTF_Q(6), NTF_Q(7), NTF_Q(8)};
 #undef NTF_Q
 
-// abrelu expectation of U×8 entries: nngp = f·k1 + ab·q12, dot = f·k0 + ab (fused_math.h).
+// Vector traits: the hand-vectorized rows are written once over V = V8 (AVX2, 8 lanes) or, in the
+// AVX-512 translation unit, V16 (512-bit, 16 lanes: the same operations lane by lane, so the same
+// bits; on Zen 4 a 512-bit operation is one µop on the 256-bit pipes, which halves the µops of the
+// expectation: measured 1.7× on its rows). I: the integer view; M: a lane mask (a vector on AVX2,
+// a k-register on AVX-512).
+struct V8 {
+  using F = __m256;
+  using I = __m256i;
+  using M = __m256i;
+  static constexpr int N = 8;
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F fmsub(F a, F b, F c) { return _mm256_fmsub_ps(a, b, c); }
+  static F and_(F a, F b) { return _mm256_and_ps(a, b); }
+  static I ci(F a) { return _mm256_castps_si256(a); }
+  static F cf(I a) { return _mm256_castsi256_ps(a); }
+  static I set1i(int x) { return _mm256_set1_epi32(x); }
+  static I andi(I a, I b) { return _mm256_and_si256(a, b); }
+  static I maxi(I a, I b) { return _mm256_max_epi32(a, b); }
+  static I mini(I a, I b) { return _mm256_min_epi32(a, b); }
+  static I subi(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static M gti(I a, I b) { return _mm256_cmpgt_epi32(a, b); }
+  static F blend(M m, F a, F b) { return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(m)); }
+  // Lanes where s has its sign bit set take b.
+  static F blend_sign(F s, F a, F b) { return _mm256_blendv_ps(a, b, s); }
+  static F load_mask(const int* p) {  // an AND mask (0 / −1 lanes)
+    return _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)p));
+  }
+  // The first n < N lanes from p, the others 0 (n = 4: row lengths are multiples of 4).
+  static F load_part(const float* p, int) { return _mm256_zextps128_ps256(_mm_loadu_ps(p)); }
+  static F lane(F v, int l) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(l)); }
+  // (prev[N−1], cur[0..N−2]) and (cur[1..N−1], next[0]).
+  static F shift_in_left(F prev, F cur) {
+#ifdef __AVX512VL__
+    return _mm256_castsi256_ps(
+        _mm256_alignr_epi32(_mm256_castps_si256(cur), _mm256_castps_si256(prev), 7));
+#else
+    const F pc = _mm256_permute2f128_ps(prev, cur, 0x21);  // prev[4..7], cur[0..3]
+    return _mm256_castsi256_ps(
+        _mm256_alignr_epi8(_mm256_castps_si256(cur), _mm256_castps_si256(pc), 12));
+#endif
+  }
+  static F shift_in_right(F cur, F next) {
+#ifdef __AVX512VL__
+    return _mm256_castsi256_ps(
+        _mm256_alignr_epi32(_mm256_castps_si256(next), _mm256_castps_si256(cur), 1));
+#else
+    const F cn = _mm256_permute2f128_ps(cur, next, 0x21);  // cur[4..7], next[0..3]
+    return _mm256_castsi256_ps(
+        _mm256_alignr_epi8(_mm256_castps_si256(cn), _mm256_castps_si256(cur), 4));
+#endif
+  }
+};
+
+#ifdef __AVX512F__
+struct V16 {
+  using F = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+  static constexpr int N = 16;
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F set1(float x) { return _mm512_set1_ps(x); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F fmsub(F a, F b, F c) { return _mm512_fmsub_ps(a, b, c); }
+  static F and_(F a, F b) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }
+  static I ci(F a) { return _mm512_castps_si512(a); }
+  static F cf(I a) { return _mm512_castsi512_ps(a); }
+  static I set1i(int x) { return _mm512_set1_epi32(x); }
+  static I andi(I a, I b) { return _mm512_and_si512(a, b); }
+  static I maxi(I a, I b) { return _mm512_max_epi32(a, b); }
+  static I mini(I a, I b) { return _mm512_min_epi32(a, b); }
+  static I subi(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static M gti(I a, I b) { return _mm512_cmpgt_epi32_mask(a, b); }
+  static F blend(M m, F a, F b) { return _mm512_mask_blend_ps(m, a, b); }
+  static F blend_sign(F s, F a, F b) {
+    return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(s)), a, b);
+  }
+  static F load_mask(const int* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+  static F load_part(const float* p, int n) {
+    return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+  }
+  static F lane(F v, int l) { return _mm512_permutexvar_ps(_mm512_set1_epi32(l), v); }
+  static F shift_in_left(F prev, F cur) {
+    return _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(cur), _mm512_castps_si512(prev), 15));
+  }
+  static F shift_in_right(F cur, F next) {
+    return _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(next), _mm512_castps_si512(cur), 1));
+  }
+};
+#endif
+
+// abrelu expectation of U vectors: nngp = f·k1 + ab·q12, dot = f·k0 + ab (fused_math.h).
 // The U vectors go through each stage together (independent dependency chains side by side:
 // one chain is ~100 cycles of latency and fills the FP scheduler on its own).
 // PLAIN: ReLU itself (a = 0, b = 1: f = 1, ab = 0), three multiplies fewer per vector.
@@ -52,84 +167,93 @@ constexpr float kAtanQ[9] = {NTF_Q(0), NTF_Q(1), NTF_Q(2), NTF_Q(3), NTF_Q(4),
 // Port balance (the multiply/FMA pipes are the bottleneck: llvm-mca, Zen 3/4 model): comparisons,
 // min/max and clamps of non-negative floats run as int32 operations on their bit patterns (the
 // same order, NaN aside), which execute on the vector ALU/add pipes; the angle is in turns (above).
-template <int U, bool PLAIN, bool NORM>
-__attribute__((always_inline)) inline void abrelu8(const __m256* q12, const __m256* q11, const __m256* q22, __m256 f, __m256 ab,
-                    __m256* nngp, __m256* dot) {
-  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
-  const __m256i izero = _mm256_setzero_si256();
-  const __m256i tiny = _mm256_set1_epi32(0x00800000);  // FLT_MIN
-  const __m256 quarter = _mm256_set1_ps(0.25f);
-  const __m256 half = _mm256_set1_ps(0.5f);
-  const __m256 inv2pi = _mm256_set1_ps(0.15915494309189533577f);
-  __m256 scale[U], c[U], sn[U], t[U], at[U];
-  __m256i lt[U];
+template <class V, int U, bool PLAIN, bool NORM>
+__attribute__((always_inline)) inline void abrelu(const typename V::F* q12,
+                                                  const typename V::F* q11,
+                                                  const typename V::F* q22, typename V::F f,
+                                                  typename V::F ab, typename V::F* nngp,
+                                                  typename V::F* dot) {
+  using F = typename V::F;
+  using I = typename V::I;
+  const I absmask = V::set1i(0x7fffffff);
+  const I izero = V::set1i(0);
+  const I tiny = V::set1i(0x00800000);  // FLT_MIN
+  const F quarter = V::set1(0.25f);
+  const F half = V::set1(0.5f);
+  const F inv2pi = V::set1(0.15915494309189533577f);
+  F scale[U], c[U], sn[U], t[U], at[U];
+  typename V::M lt[U];
   for (int u = 0; u < U; ++u) {
-    __m256 a = q11[u], b = q22[u];
+    F a = q11[u], b = q22[u];
     c[u] = q12[u];
-    scale[u] = _mm256_set1_ps(1.0f);
+    scale[u] = V::set1(1.0f);
     if (NORM) {
       // m = max(q11, q22) ≥ |q12| (a covariance: |q12| ≤ √(q11 q22), up to rounding).
       // Normalize by 2^-e, e = the exponent of m: exact scaling by two integer ops, so the
       // normalized a, b, c ∈ [0, 2] carry no rounding and on the diagonal stay bit-equal.
       // scale = 2^e multiplies k1 back. e is capped at 126 (finite inv); m = 0 or subnormal
       // gives scale = 0, inv = 2^127: the angle stays right and k1 (≤ m < FLT_MIN) flushes to 0.
-      const __m256 m = _mm256_max_ps(a, b);
-      __m256i eb = _mm256_and_si256(_mm256_castps_si256(m), _mm256_set1_epi32(0x7f800000));
-      eb = _mm256_min_epi32(eb, _mm256_set1_epi32(0x7e800000));
-      const __m256 inv = _mm256_castsi256_ps(_mm256_sub_epi32(_mm256_set1_epi32(0x7f000000), eb));
-      scale[u] = _mm256_castsi256_ps(eb);
-      a = _mm256_mul_ps(a, inv);
-      b = _mm256_mul_ps(b, inv);
-      c[u] = _mm256_mul_ps(c[u], inv);
+      const F m = V::max(a, b);
+      I eb = V::andi(V::ci(m), V::set1i(0x7f800000));
+      eb = V::mini(eb, V::set1i(0x7e800000));
+      const F inv = V::cf(V::subi(V::set1i(0x7f000000), eb));
+      scale[u] = V::cf(eb);
+      a = V::mul(a, inv);
+      b = V::mul(b, inv);
+      c[u] = V::mul(c[u], inv);
     }
     // det = a·b − c² by Kahan's 2×2 determinant: cc = fl(c²) and its exact rounding error
     // e = c² − cc (an FMA), det = fl(a·b − cc) − e. Accurate to a few ulps of det itself even
     // when a·b ≈ c² (nearly parallel inputs, where the naive difference keeps ~1e-7·ab of
     // noise and the angle θ ~ √det inherits it), and exactly 0 when a·b = c² (parallel
     // inputs, the diagonal). Clamped at +0 as int32 (a negative float is a negative int).
-    const __m256 cc = _mm256_mul_ps(c[u], c[u]);
-    const __m256 e = _mm256_fmsub_ps(c[u], c[u], cc);
-    const __m256 det = _mm256_sub_ps(_mm256_fmsub_ps(a, b, cc), e);
-    sn[u] = _mm256_sqrt_ps(
-        _mm256_castsi256_ps(_mm256_max_epi32(_mm256_castps_si256(det), izero)));
+    const F cc = V::mul(c[u], c[u]);
+    const F e = V::fmsub(c[u], c[u], cc);
+    const F det = V::sub(V::fmsub(a, b, cc), e);
+    sn[u] = V::sqrt(V::cf(V::maxi(V::ci(det), izero)));
   }
   for (int u = 0; u < U; ++u) {
     // t = min(sn, |c|) / max(sn, |c|, FLT_MIN); lt: |c| > sn (the angle is below π/4).
-    const __m256i ax = _mm256_and_si256(_mm256_castps_si256(c[u]), absmask);
-    const __m256i si = _mm256_castps_si256(sn[u]);
-    lt[u] = _mm256_cmpgt_epi32(ax, si);
-    const __m256 num = _mm256_castsi256_ps(_mm256_min_epi32(si, ax));
-    const __m256 den = _mm256_castsi256_ps(_mm256_max_epi32(_mm256_max_epi32(si, ax), tiny));
-    t[u] = _mm256_div_ps(num, den);
+    const I ax = V::andi(V::ci(c[u]), absmask);
+    const I si = V::ci(sn[u]);
+    lt[u] = V::gti(ax, si);
+    const F num = V::cf(V::mini(si, ax));
+    const F den = V::cf(V::maxi(V::maxi(si, ax), tiny));
+    t[u] = V::div(num, den);
   }
   for (int u = 0; u < U; ++u) {
     // Pairs (c_2k + c_2k+1 z) by Horner in z²: 10 multiplies/FMAs (Estrin: 12), depth 6.
-    const __m256 z = _mm256_mul_ps(t[u], t[u]);
-    const __m256 z2 = _mm256_mul_ps(z, z);
-#define NTF_C(k) _mm256_set1_ps(kAtanQ[k])
-    const __m256 e01 = _mm256_fmadd_ps(NTF_C(1), z, NTF_C(0));
-    const __m256 e23 = _mm256_fmadd_ps(NTF_C(3), z, NTF_C(2));
-    const __m256 e45 = _mm256_fmadd_ps(NTF_C(5), z, NTF_C(4));
-    const __m256 e67 = _mm256_fmadd_ps(NTF_C(7), z, NTF_C(6));
-    __m256 p = _mm256_fmadd_ps(NTF_C(8), z2, e67);
+    const F z = V::mul(t[u], t[u]);
+    const F z2 = V::mul(z, z);
+#define NTF_C(k) V::set1(kAtanQ[k])
+    const F e01 = V::fmadd(NTF_C(1), z, NTF_C(0));
+    const F e23 = V::fmadd(NTF_C(3), z, NTF_C(2));
+    const F e45 = V::fmadd(NTF_C(5), z, NTF_C(4));
+    const F e67 = V::fmadd(NTF_C(7), z, NTF_C(6));
+    F p = V::fmadd(NTF_C(8), z2, e67);
 #undef NTF_C
-    p = _mm256_fmadd_ps(p, z2, e45);
-    p = _mm256_fmadd_ps(p, z2, e23);
-    p = _mm256_fmadd_ps(p, z2, e01);
-    at[u] = _mm256_mul_ps(t[u], p);  // atan(t) / 2π
+    p = V::fmadd(p, z2, e45);
+    p = V::fmadd(p, z2, e23);
+    p = V::fmadd(p, z2, e01);
+    at[u] = V::mul(t[u], p);  // atan(t) / 2π
   }
   for (int u = 0; u < U; ++u) {
-    // θ/2π: at where |c| > sn, else 1/4 − at; then 1/2 − that where c < 0 (blendv reads the sign
-    // bit of c).
-    const __m256 a1 = _mm256_blendv_ps(_mm256_sub_ps(quarter, at[u]), at[u],
-                                       _mm256_castsi256_ps(lt[u]));
-    const __m256 theta = _mm256_blendv_ps(a1, _mm256_sub_ps(half, a1), c[u]);
-    const __m256 k0 = _mm256_sub_ps(half, theta);  // (π − θ)/(2π)
-    __m256 k1 = _mm256_fmadd_ps(k0, c[u], _mm256_mul_ps(sn[u], inv2pi));
-    if (NORM) k1 = _mm256_mul_ps(scale[u], k1);
-    nngp[u] = PLAIN ? k1 : _mm256_fmadd_ps(f, k1, _mm256_mul_ps(ab, q12[u]));
-    dot[u] = PLAIN ? k0 : _mm256_fmadd_ps(f, k0, ab);
+    // θ/2π: at where |c| > sn, else 1/4 − at; then 1/2 − that where c < 0 (the sign bit of c).
+    const F a1 = V::blend(lt[u], V::sub(quarter, at[u]), at[u]);
+    const F theta = V::blend_sign(c[u], a1, V::sub(half, a1));
+    const F k0 = V::sub(half, theta);  // (π − θ)/(2π)
+    F k1 = V::fmadd(k0, c[u], V::mul(sn[u], inv2pi));
+    if (NORM) k1 = V::mul(scale[u], k1);
+    nngp[u] = PLAIN ? k1 : V::fmadd(f, k1, V::mul(ab, q12[u]));
+    dot[u] = PLAIN ? k0 : V::fmadd(f, k0, ab);
   }
+}
+
+template <int U, bool PLAIN, bool NORM>
+__attribute__((always_inline)) inline void abrelu8(const __m256* q12, const __m256* q11,
+                                                   const __m256* q22, __m256 f, __m256 ab,
+                                                   __m256* nngp, __m256* dot) {
+  abrelu<V8, U, PLAIN, NORM>(q12, q11, q22, f, ab, nngp, dot);
 }
 
 // One plane row of an abrelu step (fused_cnn_impl.h `nonlin_row`): dr ← nngp·mw,
@@ -201,6 +325,7 @@ struct ConvAbrelu {
   // ls), the output going to d / t (other planes).
   const float* xd;
   const float* xt;
+  int vec;  // the register path's block width: 8, or 16 (AVX-512: conv3_vec)
   const float* va;  // q11 rows: va + i·ms; q22 rows: vb + ((i + dh) mod lh)·ms + dw
   const float* vb;
   int ms, dh, dw;
@@ -229,37 +354,53 @@ inline __m256 hsum4(const float* e, int fw) {  // 4 entries, upper half 0
   return _mm256_zextps128_ps256(acc);
 }
 
+template <class V>
 struct ConvAbreluConst {
-  __m256 f, ab, wd, b, td, tt, tc;
+  typename V::F f, ab, wd, b, td, tt, tc;
+  explicit ConvAbreluConst(const ConvAbrelu& A)
+      : f(V::set1((A.pa - A.pb) * (A.pa - A.pb))),
+        ab(V::set1(A.pa * A.pb)),
+        wd(V::set1(A.wd)),
+        b(V::set1(A.b)),
+        td(V::set1(A.td)),
+        tt(V::set1(A.tt)),
+        tc(V::set1(A.tc)) {}
 };
 
-// The step on U×8 entries from column j of a row (HALF: 4 entries, U = 1), given the conv's box
-// sums sdv (NNGP) and stv (NTK, TLIVE): affine map, expectation, mask, stores to dr / tr.
-template <int U, bool HALF, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+// The step on U vectors from column j of a row (HALF, V8 only: 4 entries, U = 1), given the
+// conv's box sums sdv (NNGP) and stv (NTK, TLIVE): affine map, expectation, mask, stores.
+template <class V, int U, bool HALF, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
 __attribute__((always_inline)) inline void conv_abrelu_core(
-    const __m256* sdv, const __m256* stv, const float* __restrict__ q11,
+    const typename V::F* sdv, const typename V::F* stv, const float* __restrict__ q11,
     const float* __restrict__ q22, const int* __restrict__ mwi, float* __restrict__ dr,
-    float* __restrict__ tr, int j, const ConvAbreluConst& C) {
-  __m256 x12[U], x11[U], x22[U], xt[U], nn[U], dot[U];
+    float* __restrict__ tr, int j, const ConvAbreluConst<V>& C) {
+  using F = typename V::F;
+  static_assert(!HALF || V::N == 8, "4-entry tails: V8 only");
+  F x12[U], x11[U], x22[U], xt[U], nn[U], dot[U];
   for (int u = 0; u < U; ++u) {
-    const int jj = j + 8 * u;
-    x12[u] = _mm256_fmadd_ps(C.wd, sdv[u], C.b);
+    const int jj = j + V::N * u;
+    x12[u] = V::fmadd(C.wd, sdv[u], C.b);
     if (NTK) {
       if (TLIVE)
-        xt[u] = _mm256_fmadd_ps(C.td, sdv[u], _mm256_fmadd_ps(C.tt, stv[u], C.tc));
+        xt[u] = V::fmadd(C.td, sdv[u], V::fmadd(C.tt, stv[u], C.tc));
       else
-        xt[u] = _mm256_fmadd_ps(C.td, sdv[u], C.tc);
+        xt[u] = V::fmadd(C.td, sdv[u], C.tc);
     }
-    x11[u] = HALF ? _mm256_zextps128_ps256(_mm_loadu_ps(q11 + jj)) : _mm256_loadu_ps(q11 + jj);
-    x22[u] = HALF ? _mm256_zextps128_ps256(_mm_loadu_ps(q22 + jj)) : _mm256_loadu_ps(q22 + jj);
+    if constexpr (HALF) {
+      x11[u] = _mm256_zextps128_ps256(_mm_loadu_ps(q11 + jj));
+      x22[u] = _mm256_zextps128_ps256(_mm_loadu_ps(q22 + jj));
+    } else {
+      x11[u] = V::load(q11 + jj);
+      x22[u] = V::load(q22 + jj);
+    }
   }
-  abrelu8<U, PLAIN, NORM>(x12, x11, x22, C.f, C.ab, nn, dot);
+  abrelu<V, U, PLAIN, NORM>(x12, x11, x22, C.f, C.ab, nn, dot);
   for (int u = 0; u < U; ++u) {
-    const int jj = j + 8 * u;
-    if (!HALF) {
-      const __m256 m = _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)(mwi + jj)));
-      _mm256_storeu_ps(dr + jj, _mm256_and_ps(nn[u], m));
-      if (NTK) _mm256_storeu_ps(tr + jj, _mm256_and_ps(_mm256_mul_ps(xt[u], dot[u]), m));
+    const int jj = j + V::N * u;
+    if constexpr (!HALF) {
+      const F m = V::load_mask(mwi + jj);
+      V::store(dr + jj, V::and_(nn[u], m));
+      if (NTK) V::store(tr + jj, V::and_(V::mul(xt[u], dot[u]), m));
     } else {
       const __m128 m = _mm_castsi128_ps(_mm_loadu_si128((const __m128i*)(mwi + jj)));
       _mm_storeu_ps(dr + jj, _mm_and_ps(_mm256_castps256_ps128(nn[u]), m));
@@ -275,54 +416,33 @@ template <int U, bool HALF, int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
 __attribute__((always_inline)) inline void conv_abrelu_block(
     const float* __restrict__ edr, const float* __restrict__ etr, const float* __restrict__ q11,
     const float* __restrict__ q22, const int* __restrict__ mwi, float* __restrict__ dr,
-    float* __restrict__ tr, int j, int fw, const ConvAbreluConst& C) {
+    float* __restrict__ tr, int j, int fw, const ConvAbreluConst<V8>& C) {
   __m256 sdv[U], stv[U];
   for (int u = 0; u < U; ++u) {
     const int jj = j + 8 * u;
     sdv[u] = HALF ? hsum4<FW>(edr + jj, fw) : hsum8<FW>(edr + jj, fw);
     if (NTK && TLIVE) stv[u] = HALF ? hsum4<FW>(etr + jj, fw) : hsum8<FW>(etr + jj, fw);
   }
-  conv_abrelu_core<U, HALF, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, mwi, dr, tr, j, C);
-}
-
-// Lanes (prev[7], cur[0..6]) and (cur[1..7], next[0]): the columns j − 1 and j + 1 of the 8
-// columns from j, given the vertical sums of the blocks before (prev), at (cur) and after (next).
-inline __m256 shift_in_left(__m256 prev, __m256 cur) {
-#ifdef __AVX512VL__
-  return _mm256_castsi256_ps(
-      _mm256_alignr_epi32(_mm256_castps_si256(cur), _mm256_castps_si256(prev), 7));
-#else
-  const __m256 pc = _mm256_permute2f128_ps(prev, cur, 0x21);  // prev[4..7], cur[0..3]
-  return _mm256_castsi256_ps(
-      _mm256_alignr_epi8(_mm256_castps_si256(cur), _mm256_castps_si256(pc), 12));
-#endif
-}
-inline __m256 shift_in_right(__m256 cur, __m256 next) {
-#ifdef __AVX512VL__
-  return _mm256_castsi256_ps(
-      _mm256_alignr_epi32(_mm256_castps_si256(next), _mm256_castps_si256(cur), 1));
-#else
-  const __m256 cn = _mm256_permute2f128_ps(cur, next, 0x21);  // cur[4..7], next[0..3]
-  return _mm256_castsi256_ps(
-      _mm256_alignr_epi8(_mm256_castps_si256(cn), _mm256_castps_si256(cur), 4));
-#endif
+  conv_abrelu_core<V8, U, HALF, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, mwi, dr, tr, j, C);
 }
 
 // The register path of a SAME 3×3 conv (fh = fw = 3, lo_h = lo_w = 1) followed by a ReLU-family
-// step, for nw a multiple of 8 with nw < lw (the columns from nw masked: the usual zero guard
-// column of SAME) or nw = lw (the row wraps at a block boundary): per row, the vertical sums of
-// each 8-column block are computed in registers from the three input rows, and the horizontal
-// neighbours come from the blocks on either side by lane shifts; so neither the vertical-sum planes
-// nor their unaligned reloads exist (the conv reads each input row three times and writes only
-// the step's output). Row-circular: the left neighbour of column 0 is column lw − 1 (the block
-// after the last output block, or that block itself where nw = lw), the right one of column
-// nw − 1 is column nw (column 0 where nw = lw). Same order of additions as the two-pass form
-// ((r0 + r1) + r2, then (left + centre) + right): the same bits. Output to other planes (d / t):
-// later rows still read the input.
-template <bool NTK, bool TLIVE, bool PLAIN, bool NORM>
-void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
-  const int lh = A.lh, ls = A.ls, lw = A.lw, nw = A.nw, nb = nw / 8;
+// step, in blocks of V::N columns, for nw a multiple of V::N with nw < lw (the columns from nw
+// masked: the usual zero guard column of SAME) or nw = lw (the row wraps at a block boundary):
+// per row, the vertical sums of each block are computed in registers from the three input rows,
+// and the horizontal neighbours come from the blocks on either side by lane shifts; so neither
+// the vertical-sum planes nor their unaligned reloads exist (the conv reads each input row three
+// times and writes only the step's output). Row-circular: the left neighbour of column 0 is
+// column lw − 1 (in the block after the last output block, or that block itself where nw = lw),
+// the right one of column nw − 1 is column nw (column 0 where nw = lw). Same order of additions
+// as the two-pass form ((r0 + r1) + r2, then (left + centre) + right): the same bits. Output to
+// other planes (d / t): later rows still read the input.
+template <class V, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst<V>& C) {
+  using F = typename V::F;
+  constexpr int N = V::N;
   constexpr bool TV = NTK && TLIVE;
+  const int lh = A.lh, ls = A.ls, lw = A.lw, nw = A.nw, nb = nw / N;
   for (int i = 0; i < lh; ++i) {
     float* __restrict__ dr = A.d + (long)i * ls;
     float* __restrict__ tr = A.t + (long)i * ls;
@@ -334,53 +454,50 @@ void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
       ii = ii >= lh ? ii - lh : ii;
       const float* __restrict__ q11 = A.va + (long)i * A.ms;
       const float* __restrict__ q22 = A.vb + (long)ii * A.ms + A.dw;
-      // Vertical sums of the 8 columns from j (HALF: 4, the upper lanes 0).
-      auto vsum = [&](const float* x, int j, bool half) {
+      // Vertical sums of the N columns from j (the first n < N only, the others 0, where n > 0).
+      auto vsum = [&](const float* x, int j, int n) {
         const float* p = x + j;
-        if (half)
-          return _mm256_zextps128_ps256(
-              _mm_add_ps(_mm_add_ps(_mm_loadu_ps(p + o0), _mm_loadu_ps(p + o1)),
-                         _mm_loadu_ps(p + o2)));
-        return _mm256_add_ps(_mm256_add_ps(_mm256_loadu_ps(p + o0), _mm256_loadu_ps(p + o1)),
-                             _mm256_loadu_ps(p + o2));
+        if (n) return V::add(V::add(V::load_part(p + o0, n), V::load_part(p + o1, n)),
+                             V::load_part(p + o2, n));
+        return V::add(V::add(V::load(p + o0), V::load(p + o1)), V::load(p + o2));
       };
       // first: block 0; last: block nb − 1; end: the block after it (lane 0 = column nw, or
-      // column 0); prev0: lane 7 = column lw − 1 (the left neighbour of column 0).
+      // column 0); prev0: lane N − 1 = column lw − 1 (the left neighbour of column 0).
       struct Edge {
-        __m256 first, last, end, prev0;
+        F first, last, end, prev0;
       };
       auto edges = [&](const float* x) {
         Edge e;
-        e.first = vsum(x, 0, false);
-        e.last = nb > 1 ? vsum(x, nw - 8, false) : e.first;
+        e.first = vsum(x, 0, 0);
+        e.last = nb > 1 ? vsum(x, nw - N, 0) : e.first;
         if (nw == lw) {
           e.end = e.first;
           e.prev0 = e.last;
         } else {
-          const bool half = nw + 8 > ls;
-          e.end = vsum(x, nw, half);
+          const int n = ls - nw < N ? ls - nw : 0;  // lanes in the row (0: all)
+          e.end = vsum(x, nw, n);
           const int l = lw - 1 - nw;
-          e.prev0 = l < (half ? 4 : 8) ? _mm256_permutevar8x32_ps(e.end, _mm256_set1_epi32(l))
-                                       : vsum(x, lw - 8, false);
+          e.prev0 = l < (n ? n : N) ? V::lane(e.end, l) : vsum(x, lw - N, 0);
         }
         return e;
       };
       auto vblock = [&](const float* x, const Edge& e, int blk) {  // blk ≤ nb
-        return blk == nb ? e.end : blk == nb - 1 ? e.last : blk == 0 ? e.first
-                                                                         : vsum(x, 8 * blk, false);
+        return blk == nb       ? e.end
+               : blk == nb - 1 ? e.last
+               : blk == 0      ? e.first
+                               : vsum(x, N * blk, 0);
       };
-      auto box = [](__m256 prev, __m256 cur, __m256 next) {
-        return _mm256_add_ps(_mm256_add_ps(shift_in_left(prev, cur), cur),
-                             shift_in_right(cur, next));
+      auto box = [](F prev, F cur, F next) {
+        return V::add(V::add(V::shift_in_left(prev, cur), cur), V::shift_in_right(cur, next));
       };
       const Edge ed = edges(A.xd);
       Edge et = ed;
       if (TV) et = edges(A.xt);
-      __m256 dp = ed.prev0, dc = ed.first, tp = et.prev0, tc = et.first;
-      int k = 0;
-      constexpr int U = 4;  // 4 chains where the row has them (measured 5% over 2)
-      for (; k + U <= nb; k += U) {
-        __m256 sdv[U], stv[U], dv[U + 1], tv[U + 1];
+      F dp = ed.prev0, dc = ed.first, tp = et.prev0, tc = et.first;
+      // U blocks at a time (independent chains), then 1.
+      auto blocks = [&](auto u_const, int k) {
+        constexpr int U = decltype(u_const)::value;
+        F sdv[U], stv[U], dv[U + 1], tv[U + 1];
         dv[0] = dc;
         tv[0] = tc;
         for (int u = 1; u <= U; ++u) dv[u] = vblock(A.xd, ed, k + u);
@@ -395,32 +512,14 @@ void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
           tp = tv[U - 1];
           tc = tv[U];
         }
-        conv_abrelu_core<U, false, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, A.mwi, dr, tr,
-                                                           8 * k, C);
-      }
-      for (; k + 2 <= nb; k += 2) {
-        __m256 sdv[2], stv[2];
-        const __m256 d1 = vblock(A.xd, ed, k + 1), d2 = vblock(A.xd, ed, k + 2);
-        sdv[0] = box(dp, dc, d1);
-        sdv[1] = box(dc, d1, d2);
-        dp = d1;
-        dc = d2;
-        if (TV) {
-          const __m256 t1 = vblock(A.xt, et, k + 1), t2 = vblock(A.xt, et, k + 2);
-          stv[0] = box(tp, tc, t1);
-          stv[1] = box(tc, t1, t2);
-          tp = t1;
-          tc = t2;
-        }
-        conv_abrelu_core<2, false, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, A.mwi, dr, tr,
-                                                           8 * k, C);
-      }
-      if (k < nb) {
-        __m256 sdv = box(dp, dc, vblock(A.xd, ed, k + 1)), stv = sdv;
-        if (TV) stv = box(tp, tc, vblock(A.xt, et, k + 1));
-        conv_abrelu_core<1, false, NTK, TLIVE, PLAIN, NORM>(&sdv, &stv, q11, q22, A.mwi, dr, tr,
-                                                           8 * k, C);
-      }
+        conv_abrelu_core<V, U, false, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, A.mwi, dr, tr,
+                                                              N * k, C);
+      };
+      // 32 columns per step (4 chains of 8 or 2 of 16: measured 5% over 2 of 8).
+      constexpr int U = 32 / N;
+      int k = 0;
+      for (; k + U <= nb; k += U) blocks(std::integral_constant<int, U>(), k);
+      for (; k < nb; ++k) blocks(std::integral_constant<int, 1>(), k);
       j0 = nw;
     }
     for (int j = j0; j < ls; ++j) dr[j] = 0.0f;
@@ -431,7 +530,7 @@ void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
 
 // The two-pass form: box sums from the conv's vertical sums rd / rt (conv_vertical), in place.
 template <int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
-void conv_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
+void conv_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst<V8>& C) {
   const int fw = A.fw, lh = A.lh, ls = A.ls, es = A.es;
   for (int i = 0; i < lh; ++i) {
     float* __restrict__ dr = A.d + (long)i * ls;
@@ -465,23 +564,33 @@ void conv_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst& C) {
 }
 
 
-// FW: 3 or 0 (any width) for the two-pass form, kConv3Reg for the register path.
+// The register path's block width for nw computed columns of lw (0: not applicable): 16 where
+// this translation unit has AVX-512 and the row has whole 16-column blocks, else 8.
+inline int conv3_vec(int nw, int lw) {
+  if (nw > lw) return 0;
+#ifdef __AVX512F__
+  if (nw % 16 == 0 && nw >= 16) return 16;
+#endif
+  return nw % 8 == 0 && nw >= 8 ? 8 : 0;
+}
+
+// FW: 3 or 0 (any width) for the two-pass form, kConv3Reg for the register path (in blocks of
+// A.vec columns).
 constexpr int kConv3Reg = -3;
 
 template <int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
 void conv_abrelu_plane_t(const ConvAbrelu& A) {
-  ConvAbreluConst C;
-  C.f = _mm256_set1_ps((A.pa - A.pb) * (A.pa - A.pb));
-  C.ab = _mm256_set1_ps(A.pa * A.pb);
-  C.wd = _mm256_set1_ps(A.wd);
-  C.b = _mm256_set1_ps(A.b);
-  C.td = _mm256_set1_ps(A.td);
-  C.tt = _mm256_set1_ps(A.tt);
-  C.tc = _mm256_set1_ps(A.tc);
-  if constexpr (FW == kConv3Reg)
-    conv3_abrelu_rows<NTK, TLIVE, PLAIN, NORM>(A, C);
-  else
-    conv_abrelu_rows<FW, NTK, TLIVE, PLAIN, NORM>(A, C);
+  if constexpr (FW == kConv3Reg) {
+#ifdef __AVX512F__
+    if (A.vec == 16) {
+      conv3_abrelu_rows<V16, NTK, TLIVE, PLAIN, NORM>(A, ConvAbreluConst<V16>(A));
+      return;
+    }
+#endif
+    conv3_abrelu_rows<V8, NTK, TLIVE, PLAIN, NORM>(A, ConvAbreluConst<V8>(A));
+  } else {
+    conv_abrelu_rows<FW, NTK, TLIVE, PLAIN, NORM>(A, ConvAbreluConst<V8>(A));
+  }
 }
 
 template <int FW, bool NTK, bool TLIVE>
@@ -555,5 +664,6 @@ inline double sum_f32(const float* x, long n) {
 }
 
 }  // namespace simd
+}  // namespace NTF_SIMD_NS
 }  // namespace cpu
 }  // namespace ntf

@@ -480,14 +480,17 @@ def test_f32_fused_conv_relu_every_plan(simd, name, monkeypatch):
 
 
 # SAME 3×3 conv + ReLU-family stacks whose rows the f32 SIMD variants run on the register path
-# (simd_avx2.h conv3_abrelu_rows: output columns a multiple of 8, the row wrap at lw − 1), with the
-# (H, W) that reach each of its edge cases: the guard column in a 4-wide half block (W = 8, 24),
-# in a full block after the last output block, or beyond it (W = 17 + VALID 10-wide: 8 valid
-# columns of a wider grid → the left neighbour of column 0 from an unaligned block), the wrap at a block boundary
-# (CIRCULAR, W = 16: no guard column), a single block (W = 8), pooled grids, leaky/abs, no bias.
+# (simd_avx2.h conv3_abrelu_rows, blocks of 8 columns, or 16 on AVX-512 where the row has whole
+# 16-column blocks), with the (H, W) that reach each of its edge cases: the guard column in a
+# part block after the last output block (W = 8, 24, 16, 48), a wider grid whose column lw − 1 lies
+# beyond that block (VALID first: 8 or 16 valid columns of a 17- or 40-wide image → the left
+# neighbour of column 0 from an unaligned block), the wrap at a block boundary (CIRCULAR, W = 16:
+# no guard column), a single block (W = 8; 16 on AVX-512), 4 + 2 single blocks (W = 48 on AVX2),
+# 2 + 1 (W = 48 on AVX-512), pooled grids, leaky/abs, no bias, TLIVE off (first layer) and on.
 _CONV3_CASES = {
     "same-8x24": ((_conv(), RELU, _conv(), LEAKY, _conv(b=None), RELU, fc.Readout("GAP")), (8, 24)),
     "same-5x8": ((_conv(), ABS, _conv(), RELU, fc.Readout("FLATTEN")), (5, 8)),
+    "same-3x48": ((_conv(), RELU, _conv(), RELU, fc.Readout("GAP")), (3, 48)),
     "circular-16": (
         (_conv((3, 3), "CIRCULAR"), RELU, _conv((3, 3), "CIRCULAR"), RELU, fc.Readout("GAP")),
         (6, 16),
@@ -495,6 +498,10 @@ _CONV3_CASES = {
     "valid-then-same": (
         (_conv((3, 10), "VALID"), RELU, _conv(), RELU, _conv(), LEAKY, fc.Readout("GSP")),
         (9, 17),
+    ),
+    "valid-then-same-40": (
+        (_conv((3, 25), "VALID"), RELU, _conv(), RELU, fc.Readout("GAP")),
+        (5, 40),
     ),
     "myrtle-16": (PLANS["myrtle-like"], (16, 16)),
 }
