@@ -82,6 +82,10 @@ struct V8 {
   static F load_mask(const int* p) {  // an AND mask (0 / −1 lanes)
     return _mm256_castsi256_ps(_mm256_loadu_si256((const __m256i*)p));
   }
+  // The lanes where x ≠ 0 (NaN counts as nonzero), and v kept on them, +0 elsewhere.
+  using K = F;
+  static K nonzero(F x) { return _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_NEQ_UQ); }
+  static F keep(K k, F v) { return _mm256_and_ps(v, k); }
   // The first n < N lanes from p, the others 0 (n = 4: row lengths are multiples of 4).
   static F load_part(const float* p, int) { return _mm256_zextps128_ps256(_mm_loadu_ps(p)); }
   static F lane(F v, int l) { return _mm256_permutevar8x32_ps(v, _mm256_set1_epi32(l)); }
@@ -141,6 +145,9 @@ struct V16 {
     return _mm512_mask_blend_ps(_mm512_movepi32_mask(_mm512_castps_si512(s)), a, b);
   }
   static F load_mask(const int* p) { return _mm512_castsi512_ps(_mm512_loadu_si512(p)); }
+  using K = __mmask16;
+  static K nonzero(F x) { return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_NEQ_UQ); }
+  static F keep(K k, F v) { return _mm512_maskz_mov_ps(k, v); }
   static F load_part(const float* p, int n) {
     return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
   }
@@ -262,31 +269,45 @@ __attribute__((always_inline)) inline void abrelu8(const __m256* q12, const __m2
 // loads/stores: masked vmaskmovps stores cost ~70 cycles per row tail). mw holds 0 or 1: the
 // mask is applied as a bitwise AND (compare once, AND twice: off the multiply pipes, which the
 // expectation itself saturates).
+// Whole U·V::N-entry blocks of an abrelu row from column j while they fit in ls; returns the next j.
+template <class V, int U, bool TLIVE, bool PLAIN, bool NORM>
+inline int abrelu_row_blocks(int j, float* __restrict__ dr, float* __restrict__ tr,
+                             const float* __restrict__ q11, const float* __restrict__ q22,
+                             const float* __restrict__ mw, int ls, float pa, float pb) {
+  using F = typename V::F;
+  const F f = V::set1((pa - pb) * (pa - pb));
+  const F ab = V::set1(pa * pb);
+  for (; j + V::N * U <= ls; j += V::N * U) {
+    F x12[U], x11[U], x22[U], nn[U], dot[U];
+    for (int u = 0; u < U; ++u) {
+      x12[u] = V::load(dr + j + V::N * u);
+      x11[u] = V::load(q11 + j + V::N * u);
+      x22[u] = V::load(q22 + j + V::N * u);
+    }
+    abrelu<V, U, PLAIN, NORM>(x12, x11, x22, f, ab, nn, dot);
+    for (int u = 0; u < U; ++u) {
+      const typename V::K m = V::nonzero(V::load(mw + j + V::N * u));
+      V::store(dr + j + V::N * u, V::keep(m, nn[u]));
+      if (TLIVE)
+        V::store(tr + j + V::N * u, V::keep(m, V::mul(V::load(tr + j + V::N * u), dot[u])));
+    }
+  }
+  return j;
+}
+
 template <bool TLIVE, bool PLAIN, bool NORM>
 inline void abrelu_row_t(float* __restrict__ dr, float* __restrict__ tr,
                          const float* __restrict__ q11, const float* __restrict__ q22,
                          const float* __restrict__ mw, int ls, float pa, float pb) {
+  int j = 0;
+#ifdef __AVX512F__
+  j = abrelu_row_blocks<V16, 2, TLIVE, PLAIN, NORM>(j, dr, tr, q11, q22, mw, ls, pa, pb);
+  j = abrelu_row_blocks<V16, 1, TLIVE, PLAIN, NORM>(j, dr, tr, q11, q22, mw, ls, pa, pb);
+#endif
+  j = abrelu_row_blocks<V8, 2, TLIVE, PLAIN, NORM>(j, dr, tr, q11, q22, mw, ls, pa, pb);
   const __m256 f = _mm256_set1_ps((pa - pb) * (pa - pb));
   const __m256 ab = _mm256_set1_ps(pa * pb);
   const __m256 zero = _mm256_setzero_ps();
-  int j = 0;
-  constexpr int U = 2;
-  for (; j + 8 * U <= ls; j += 8 * U) {
-    __m256 x12[U], x11[U], x22[U], nn[U], dot[U];
-    for (int u = 0; u < U; ++u) {
-      x12[u] = _mm256_loadu_ps(dr + j + 8 * u);
-      x11[u] = _mm256_loadu_ps(q11 + j + 8 * u);
-      x22[u] = _mm256_loadu_ps(q22 + j + 8 * u);
-    }
-    abrelu8<U, PLAIN, NORM>(x12, x11, x22, f, ab, nn, dot);
-    for (int u = 0; u < U; ++u) {
-      const __m256 m = _mm256_cmp_ps(_mm256_loadu_ps(mw + j + 8 * u), zero, _CMP_NEQ_UQ);
-      _mm256_storeu_ps(dr + j + 8 * u, _mm256_and_ps(nn[u], m));
-      if (TLIVE)
-        _mm256_storeu_ps(tr + j + 8 * u,
-                         _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(tr + j + 8 * u), dot[u]), m));
-    }
-  }
   for (; j < ls; j += 8) {
     const bool half = j + 8 > ls;
     auto load = [&](const float* p) {
@@ -335,11 +356,11 @@ struct ConvAbrelu {
   float wd, b, td, tt, tc, pa, pb;
 };
 
-template <int FW>
-inline __m256 hsum8(const float* e, int fw) {
-  __m256 acc = _mm256_loadu_ps(e);
-  if (FW == 3) return _mm256_add_ps(_mm256_add_ps(acc, _mm256_loadu_ps(e + 1)), _mm256_loadu_ps(e + 2));
-  for (int k = 1; k < (FW ? FW : fw); ++k) acc = _mm256_add_ps(acc, _mm256_loadu_ps(e + k));
+template <class V, int FW>
+inline typename V::F hsum(const float* e, int fw) {
+  typename V::F acc = V::load(e);
+  if (FW == 3) return V::add(V::add(acc, V::load(e + 1)), V::load(e + 2));
+  for (int k = 1; k < (FW ? FW : fw); ++k) acc = V::add(acc, V::load(e + k));
   return acc;
 }
 
@@ -411,19 +432,25 @@ __attribute__((always_inline)) inline void conv_abrelu_core(
   }
 }
 
-// U×8 entries from column j of a row, box sums from the precomputed vertical sums edr / etr.
-template <int U, bool HALF, int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
+// U vectors of entries from column j of a row (HALF, V8 only: 4 entries), box sums from the
+// precomputed vertical sums edr / etr.
+template <class V, int U, bool HALF, int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
 __attribute__((always_inline)) inline void conv_abrelu_block(
     const float* __restrict__ edr, const float* __restrict__ etr, const float* __restrict__ q11,
     const float* __restrict__ q22, const int* __restrict__ mwi, float* __restrict__ dr,
-    float* __restrict__ tr, int j, int fw, const ConvAbreluConst<V8>& C) {
-  __m256 sdv[U], stv[U];
+    float* __restrict__ tr, int j, int fw, const ConvAbreluConst<V>& C) {
+  typename V::F sdv[U], stv[U];
   for (int u = 0; u < U; ++u) {
-    const int jj = j + 8 * u;
-    sdv[u] = HALF ? hsum4<FW>(edr + jj, fw) : hsum8<FW>(edr + jj, fw);
-    if (NTK && TLIVE) stv[u] = HALF ? hsum4<FW>(etr + jj, fw) : hsum8<FW>(etr + jj, fw);
+    const int jj = j + V::N * u;
+    if constexpr (HALF) {
+      sdv[u] = hsum4<FW>(edr + jj, fw);
+      if (NTK && TLIVE) stv[u] = hsum4<FW>(etr + jj, fw);
+    } else {
+      sdv[u] = hsum<V, FW>(edr + jj, fw);
+      if (NTK && TLIVE) stv[u] = hsum<V, FW>(etr + jj, fw);
+    }
   }
-  conv_abrelu_core<V8, U, HALF, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, mwi, dr, tr, j, C);
+  conv_abrelu_core<V, U, HALF, NTK, TLIVE, PLAIN, NORM>(sdv, stv, q11, q22, mwi, dr, tr, j, C);
 }
 
 // The register path of a SAME 3×3 conv (fh = fw = 3, lo_h = lo_w = 1) followed by a ReLU-family
@@ -528,10 +555,15 @@ void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst<V>& C) {
   }
 }
 
-// The two-pass form: box sums from the conv's vertical sums rd / rt (conv_vertical), in place.
+// The two-pass form: box sums from the conv's vertical sums rd / rt (conv_vertical), in place;
+// 32 and 16 columns at a time as 512-bit vectors where the unit has AVX-512 (the same bits).
 template <int FW, bool NTK, bool TLIVE, bool PLAIN, bool NORM>
-void conv_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst<V8>& C) {
-  const int fw = A.fw, lh = A.lh, ls = A.ls, es = A.es;
+void conv_abrelu_rows(const ConvAbrelu& A) {
+  const ConvAbreluConst<V8> C(A);
+#ifdef __AVX512F__
+  const ConvAbreluConst<V16> C16(A);
+#endif
+  const int fw = A.fw, lh = A.lh, ls = A.ls, es = A.es, nw = A.nw;
   for (int i = 0; i < lh; ++i) {
     float* __restrict__ dr = A.d + (long)i * ls;
     float* __restrict__ tr = A.t + (long)i * ls;
@@ -544,25 +576,34 @@ void conv_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst<V8>& C) {
       const float* __restrict__ edr = A.rd + (long)i * es;
       const float* __restrict__ etr = A.rt + (long)i * es;
       int j = 0;
-      for (; j + 16 <= A.nw; j += 16)
-        conv_abrelu_block<2, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi, dr, tr,
-                                                                 j, fw, C);
-      if (j + 8 <= A.nw) {
-        conv_abrelu_block<1, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi, dr, tr,
-                                                                 j, fw, C);
+#ifdef __AVX512F__
+      for (; j + 32 <= nw; j += 32)
+        conv_abrelu_block<V16, 2, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
+                                                                      dr, tr, j, fw, C16);
+      if (j + 16 <= nw) {
+        conv_abrelu_block<V16, 1, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
+                                                                      dr, tr, j, fw, C16);
+        j += 16;
+      }
+#endif
+      for (; j + 16 <= nw; j += 16)
+        conv_abrelu_block<V8, 2, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
+                                                                     dr, tr, j, fw, C);
+      if (j + 8 <= nw) {
+        conv_abrelu_block<V8, 1, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
+                                                                     dr, tr, j, fw, C);
         j += 8;
       }
-      if (j < A.nw)  // nw is a multiple of 4
-        conv_abrelu_block<1, true, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi, dr, tr,
-                                                                j, fw, C);
-      j0 = A.nw;
+      if (j < nw)  // nw is a multiple of 4
+        conv_abrelu_block<V8, 1, true, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
+                                                                    dr, tr, j, fw, C);
+      j0 = nw;
     }
     for (int j = j0; j < ls; ++j) dr[j] = 0.0f;
     if (NTK)
       for (int j = j0; j < ls; ++j) tr[j] = 0.0f;
   }
 }
-
 
 // The register path's block width for nw computed columns of lw (0: not applicable): 16 where
 // this translation unit has AVX-512 and the row has whole 16-column blocks, else 8.
@@ -589,7 +630,7 @@ void conv_abrelu_plane_t(const ConvAbrelu& A) {
 #endif
     conv3_abrelu_rows<V8, NTK, TLIVE, PLAIN, NORM>(A, ConvAbreluConst<V8>(A));
   } else {
-    conv_abrelu_rows<FW, NTK, TLIVE, PLAIN, NORM>(A, ConvAbreluConst<V8>(A));
+    conv_abrelu_rows<FW, NTK, TLIVE, PLAIN, NORM>(A);
   }
 }
 

@@ -537,6 +537,31 @@ def test_f32_conv3_register_path_bit_exact(simd, name, monkeypatch):
 
 
 @needs_cpu
+@pytest.mark.parametrize(
+    "name", ["f1-f2-f5-same", "circular-flatten", "pool-same-norm", "pool-same-no-norm"]
+)
+def test_f32_wide_rows_avx512_bits_of_avx2(name, monkeypatch):
+    # Rows of 32+ entries: the AVX-512 unit runs the ReLU-family rows (unfused after Dense /
+    # pooling, and the two-pass conv + ReLU of filters other than SAME 3×3) 16 lanes at a time,
+    # AVX2 8: the same operations lane by lane, so the same bits; and the f32 results within the
+    # 2×-XLA-f32 rule of the f64 truth.
+    x1, x2 = _images((2, 4, 35, 2), 41), _images((1, 4, 35, 2), 42)
+    plan = PLANS[name]
+    y1, y2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
+    out = {}
+    for simd in ("avx2", "avx512"):
+        _use_simd(simd, monkeypatch)
+        out[simd] = _both(plan, y1, y2, "native", compute_cov=True)
+    truth = oracle(plan, x1, x2)
+    xla32 = _both(plan, y1, y2, "xla", compute_cov=True)
+    for k, (a, b, t, r) in enumerate(zip(out["avx2"], out["avx512"], truth, xla32)):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f"{name} {k}")
+        err = float(np.max(np.abs(np.asarray(b, np.float64) - t)))
+        err_xla = float(np.max(np.abs(np.asarray(r, np.float64) - t)))
+        assert err <= 2 * err_xla + 1e-6 * float(np.max(np.abs(t))), (name, k, err, err_xla)
+
+
+@needs_cpu
 @pytest.mark.parametrize("simd", ["avx2", "avx512"])
 def test_f32_relu_rows_skip_normalization_bit_exactly(simd, monkeypatch):
     # Variance maps within 2^±30 let the f32 ReLU rows skip their power-of-two normalization
