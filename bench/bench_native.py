@@ -18,10 +18,13 @@ grid ``(Lh·Lw)²`` of each segment, margins included (the kernel computes them)
 
 The count is the math's (the portable formulas of ``kernels/common/fused_math.h``), not the
 instructions a build executes (the AVX2/AVX-512 f32 ReLU row needs fewer, the masked columns are
-skipped): GFLOP/s compare runs and machines, and against the CPU's peak — e.g. the 2-vCPU
-AMD EPYC (Zen 4) CI-class machine: 2 cores × 2.6 GHz × 2 FMA pipes × 8 f32 lanes × 2 = 166 GFLOP/s
-(f32 FMA), where the native kernel reaches 91–111 GFLOP/s of this count (55–67%); the vector
-pipes, not memory, bound it (the layer stack of a plane lives in L1).
+skipped): GFLOP/s compare runs and machines. Against the CPU's peak only loosely: the 2-vCPU
+AMD EPYC (Zen 4) CI-class machine has 2 cores × 2.6 GHz × 2 FMA pipes × 8 f32 lanes × 2 = 166
+GFLOP/s of f32 FMA (nominal clock), and the native kernel now reaches 144–193 GFLOP/s of this
+count (Myrtle-10, CNN-GAP-8; 200 on 256×256 images): more than that peak, because the f32 rows
+execute fewer operations than the count (no Gram normalization where the variance maps allow,
+a polynomial instead of the 30-operation rational arctangent, conv sums shared by lane shifts).
+The vector pipes, not memory, bound it (the layer stack of a plane lives in L1).
 
 Usage: ``python -m bench.bench_native [--networks Myrtle-10 CNN-GAP-8] [--n 2] [--threads 1 2]``
 (``NTFAST_NATIVE_DIR`` for a development build). Pairs evaluated per call: ``n×n`` cross pairs;

@@ -1,6 +1,8 @@
-// ntfast — hand-vectorized AVX2/FMA rows of the CPU fused CNN kernel (f32), included by
-// fused_cnn_impl.h in the AVX2 translation unit only. Definition of every number:
-// ntfast/ops/nonlin.py (the auto-vectorized fused_math.h formulas are the portable version).
+// ntfast — hand-vectorized rows of the CPU fused CNN kernel (f32), included by fused_cnn_impl.h in
+// the AVX2 and the AVX-512 translation units (not the generic one), written once over vector
+// traits (V8: AVX2, 8 lanes; V16: AVX-512, 16 lanes, the same operations lane by lane). Definition
+// of every number: ntfast/ops/nonlin.py (the auto-vectorized fused_math.h formulas are the
+// portable version).
 //
 // Why by hand. The ReLU-family (abrelu) expectation was most of the kernel's time (~60% of
 // CNN-GAP-8, 1 thread, perf). Auto-vectorized from fused_math.h it costs 3 divisions and a
@@ -17,7 +19,8 @@
 //     π − θ via the sign bit of c (`vblendvps`); comparisons and clamps of non-negative floats
 //     as int32 ops (the FMA pipes are the bottleneck);
 //   * after a conv step, the conv's horizontal pass and affine map run in the same loop
-//     (conv_abrelu_plane), in place.
+//     (conv_abrelu_plane), in place; after a SAME 3×3 conv the vertical pass too, in registers
+//     (conv3_abrelu_rows).
 // At the origin (sn = c = 0), |c| > sn fails and t = 0, so θ = π/2 (NT's convention).
 #pragma once
 
