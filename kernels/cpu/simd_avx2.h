@@ -166,6 +166,12 @@ struct V16 {
 };
 #endif
 
+// A vector traits type as a value (for generic lambdas).
+template <class V>
+struct VecTag {
+  using type = V;
+};
+
 // abrelu expectation of U vectors: nngp = f·k1 + ab·q12, dot = f·k0 + ab (fused_math.h).
 // The U vectors go through each stage together (independent dependency chains side by side:
 // one chain is ~100 cycles of latency and fills the FP scheduler on its own).
@@ -259,20 +265,14 @@ __attribute__((always_inline)) inline void abrelu(const typename V::F* q12,
   }
 }
 
-template <int U, bool PLAIN, bool NORM>
-__attribute__((always_inline)) inline void abrelu8(const __m256* q12, const __m256* q11,
-                                                   const __m256* q22, __m256 f, __m256 ab,
-                                                   __m256* nngp, __m256* dot) {
-  abrelu<V8, U, PLAIN, NORM>(q12, q11, q22, f, ab, nngp, dot);
-}
-
 // One plane row of an abrelu step (fused_cnn_impl.h `nonlin_row`): dr ← nngp·mw,
 // tr ← tr·dot·mw (TLIVE). ls is a multiple of 4: 16 entries per step (two independent 8-lane
 // chains), then whole 8-lane vectors, then 4 entries in the low half of one (plain 128-bit
 // loads/stores: masked vmaskmovps stores cost ~70 cycles per row tail). mw holds 0 or 1: the
 // mask is applied as a bitwise AND (compare once, AND twice: off the multiply pipes, which the
 // expectation itself saturates).
-// Whole U·V::N-entry blocks of an abrelu row from column j while they fit in ls; returns the next j.
+// Whole U·V::N-entry blocks of an abrelu row from column j while they fit in ls; returns the
+// next j.
 template <class V, int U, bool TLIVE, bool PLAIN, bool NORM>
 inline int abrelu_row_blocks(int j, float* __restrict__ dr, float* __restrict__ tr,
                              const float* __restrict__ q11, const float* __restrict__ q22,
@@ -323,7 +323,7 @@ inline void abrelu_row_t(float* __restrict__ dr, float* __restrict__ tr,
         _mm256_storeu_ps(p, v);
     };
     __m256 x12 = load(dr + j), x11 = load(q11 + j), x22 = load(q22 + j), nn, dot;
-    abrelu8<1, PLAIN, NORM>(&x12, &x11, &x22, f, ab, &nn, &dot);
+    abrelu<V8, 1, PLAIN, NORM>(&x12, &x11, &x22, f, ab, &nn, &dot);
     const __m256 m = _mm256_cmp_ps(load(mw + j), zero, _CMP_NEQ_UQ);
     store(dr + j, _mm256_and_ps(nn, m));
     if (TLIVE) store(tr + j, _mm256_and_ps(_mm256_mul_ps(load(tr + j), dot), m));
@@ -511,11 +511,8 @@ void conv3_abrelu_rows(const ConvAbrelu& A, const ConvAbreluConst<V>& C) {
         }
         return e;
       };
-      auto vblock = [&](const float* x, const Edge& e, int blk) {  // blk ≤ nb
-        return blk == nb       ? e.end
-               : blk == nb - 1 ? e.last
-               : blk == 0      ? e.first
-                               : vsum(x, N * blk, 0);
+      auto vblock = [&](const float* x, const Edge& e, int blk) {  // 1 ≤ blk ≤ nb
+        return blk == nb ? e.end : blk == nb - 1 ? e.last : vsum(x, N * blk, 0);
       };
       auto box = [](F prev, F cur, F next) {
         return V::add(V::add(V::shift_in_left(prev, cur), cur), V::shift_in_right(cur, next));
@@ -578,25 +575,21 @@ void conv_abrelu_rows(const ConvAbrelu& A) {
       const float* __restrict__ q22 = A.vb + (long)ii * A.ms + A.dw;
       const float* __restrict__ edr = A.rd + (long)i * es;
       const float* __restrict__ etr = A.rt + (long)i * es;
+      // Whole blocks of U vectors of V while they fit, widest first, then a 4-entry tail.
       int j = 0;
+      auto blocks = [&](auto v, auto u, const auto& c) {
+        using V = typename decltype(v)::type;
+        constexpr int U = decltype(u)::value;
+        for (; j + V::N * U <= nw; j += V::N * U)
+          conv_abrelu_block<V, U, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
+                                                                     dr, tr, j, fw, c);
+      };
 #ifdef __AVX512F__
-      for (; j + 32 <= nw; j += 32)
-        conv_abrelu_block<V16, 2, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
-                                                                      dr, tr, j, fw, C16);
-      if (j + 16 <= nw) {
-        conv_abrelu_block<V16, 1, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
-                                                                      dr, tr, j, fw, C16);
-        j += 16;
-      }
+      blocks(VecTag<V16>(), std::integral_constant<int, 2>(), C16);
+      blocks(VecTag<V16>(), std::integral_constant<int, 1>(), C16);
 #endif
-      for (; j + 16 <= nw; j += 16)
-        conv_abrelu_block<V8, 2, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
-                                                                     dr, tr, j, fw, C);
-      if (j + 8 <= nw) {
-        conv_abrelu_block<V8, 1, false, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
-                                                                     dr, tr, j, fw, C);
-        j += 8;
-      }
+      blocks(VecTag<V8>(), std::integral_constant<int, 2>(), C);
+      blocks(VecTag<V8>(), std::integral_constant<int, 1>(), C);
       if (j < nw)  // nw is a multiple of 4
         conv_abrelu_block<V8, 1, true, FW, NTK, TLIVE, PLAIN, NORM>(edr, etr, q11, q22, A.mwi,
                                                                     dr, tr, j, fw, C);
@@ -674,7 +667,7 @@ inline void conv_abrelu_plane(const ConvAbrelu& A, bool ntk, bool tlive, bool no
     conv_abrelu_plane_nt<0>(A, ntk, tlive, norm);
 }
 
-// norm: false only where both variance maps are map_safe (see abrelu8).
+// norm: false only where both variance maps are map_safe (see abrelu).
 template <bool TLIVE>
 inline void abrelu_row(float* __restrict__ dr, float* __restrict__ tr,
                        const float* __restrict__ q11, const float* __restrict__ q22,
