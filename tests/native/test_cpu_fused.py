@@ -361,6 +361,17 @@ def test_optional_outputs(compute_ntk, compute_cov, sym):
 SIMD_VARIANTS = ["generic", "avx2", "avx512"]
 
 
+def _assert_f32_within_2x_xla(nat, xla, truth, where):
+    """The f32 rule: native finite, and its error ≤ 2× the XLA reference's f32 error (+ 1e-6 of
+    the output's scale), both against the f64 truth."""
+    nat = np.asarray(nat, np.float64)
+    assert np.all(np.isfinite(nat)), where
+    tscale = float(np.max(np.abs(truth)))
+    err_xla = float(np.max(np.abs(np.asarray(xla, np.float64) - truth)))
+    err_nat = float(np.max(np.abs(nat - truth)))
+    assert err_nat <= 2 * err_xla + 1e-6 * tscale, (where, err_nat, err_xla, tscale)
+
+
 def _use_simd(simd, monkeypatch):
     """Caps the handler's ISA variant at ``simd`` (read per call), or skips naming why it can't."""
     monkeypatch.delenv("NTFAST_SIMD", raising=False)
@@ -401,12 +412,9 @@ def test_f32_accuracy_rule(simd, monkeypatch):
         truth = oracle(plan, x1, x2)
         y1, y2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
         xla32, nat32 = _both(plan, y1, y2, "xla"), _both(plan, y1, y2, "native")
-        for t, a, b in zip(truth, xla32, nat32):
+        for k, (t, a, b) in enumerate(zip(truth, xla32, nat32)):
             assert b.dtype == jnp.float32
-            scale = float(np.max(np.abs(t)))
-            err_xla = float(np.max(np.abs(np.asarray(a, np.float64) - t)))
-            err_nat = float(np.max(np.abs(np.asarray(b, np.float64) - t)))
-            assert err_nat <= 2 * err_xla + 1e-6 * scale, (name, err_nat, err_xla, scale)
+            _assert_f32_within_2x_xla(b, a, t, (name, k))
 
 
 @needs_cpu
@@ -434,12 +442,7 @@ def test_f32_relu_family_extreme_inputs(simd, scale, nonlin, monkeypatch):
     xla32 = _both(plan, y1, y2, "xla", compute_cov=True)
     nat32 = _both(plan, y1, y2, "native", compute_cov=True)
     for k, (t, a, b) in enumerate(zip(truth, xla32, nat32)):
-        b = np.asarray(b, np.float64)
-        assert np.all(np.isfinite(b)), k
-        tscale = float(np.max(np.abs(t)))
-        err_xla = float(np.max(np.abs(np.asarray(a, np.float64) - t)))
-        err_nat = float(np.max(np.abs(b - t)))
-        assert err_nat <= 2 * err_xla + 1e-6 * tscale, (k, err_nat, err_xla, tscale)
+        _assert_f32_within_2x_xla(b, a, t, k)
 
 
 _RELU_FAMILY_PLANS = [
@@ -465,18 +468,13 @@ def test_f32_fused_conv_relu_every_plan(simd, name, monkeypatch):
     truth = oracle(plan, x1, x2)
     y1, y2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
     for compute_ntk in (True, False):
-        kw = dict(compute_ntk=compute_ntk, compute_cov=True)
+        kw = {"compute_ntk": compute_ntk, "compute_cov": True}
         xla32 = _both(plan, y1, y2, "xla", **kw)
         nat32 = _both(plan, y1, y2, "native", **kw)
         for k, (t, a, b) in enumerate(zip(truth, xla32, nat32)):
             if not compute_ntk and k == 1:
                 continue
-            b = np.asarray(b, np.float64)
-            assert np.all(np.isfinite(b)), (name, k)
-            tscale = float(np.max(np.abs(t)))
-            err_xla = float(np.max(np.abs(np.asarray(a, np.float64) - t)))
-            err_nat = float(np.max(np.abs(b - t)))
-            assert err_nat <= 2 * err_xla + 1e-6 * tscale, (name, k, err_nat, err_xla, tscale)
+            _assert_f32_within_2x_xla(b, a, t, (name, k))
 
 
 # SAME 3×3 conv + ReLU-family stacks whose rows the f32 SIMD variants run on the register path
@@ -521,7 +519,7 @@ def test_f32_conv3_register_path_bit_exact(simd, name, monkeypatch):
     truth = oracle(plan, x1, x2)
     y1, y2 = x1.astype(jnp.float32), x2.astype(jnp.float32)
     for compute_ntk in (True, False):
-        kw = dict(compute_ntk=compute_ntk, compute_cov=True)
+        kw = {"compute_ntk": compute_ntk, "compute_cov": True}
         monkeypatch.delenv("NTFAST_CONV", raising=False)
         reg = _both(plan, y1, y2, "native", **kw)
         monkeypatch.setenv("NTFAST_CONV", "two-pass")
@@ -531,9 +529,7 @@ def test_f32_conv3_register_path_bit_exact(simd, name, monkeypatch):
             if not compute_ntk and k == 1:
                 continue
             np.testing.assert_array_equal(np.asarray(r), np.asarray(p), err_msg=f"{name} {k}")
-            err_reg = float(np.max(np.abs(np.asarray(r, np.float64) - t)))
-            err_xla = float(np.max(np.abs(np.asarray(a, np.float64) - t)))
-            assert err_reg <= 2 * err_xla + 1e-6 * float(np.max(np.abs(t))), (name, k)
+            _assert_f32_within_2x_xla(r, a, t, (name, k))
 
 
 @needs_cpu
@@ -556,9 +552,7 @@ def test_f32_wide_rows_avx512_bits_of_avx2(name, monkeypatch):
     xla32 = _both(plan, y1, y2, "xla", compute_cov=True)
     for k, (a, b, t, r) in enumerate(zip(out["avx2"], out["avx512"], truth, xla32)):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f"{name} {k}")
-        err = float(np.max(np.abs(np.asarray(b, np.float64) - t)))
-        err_xla = float(np.max(np.abs(np.asarray(r, np.float64) - t)))
-        assert err <= 2 * err_xla + 1e-6 * float(np.max(np.abs(t))), (name, k, err, err_xla)
+        _assert_f32_within_2x_xla(b, r, t, (name, k))
 
 
 @needs_cpu
